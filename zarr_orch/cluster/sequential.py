@@ -1,0 +1,148 @@
+"""Sequential mode: every task runs lazily, in the main process, in the order it was started.
+
+Meant for debugging, notebooks and small jobs: nothing is pickled, a debugger can step into
+tasks, and results come back in row-major order. Timeouts cannot be enforced in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
+from zarr_orch.cluster.graph import (
+    Delayed,
+    TaskNode,
+    make_delayed,
+    split_outputs,
+    substitute,
+    topological_nodes,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SequentialFuture:
+    """A started task of the sequential cluster: just the Delayed it will compute."""
+
+    __slots__ = ("delayed",)
+
+    def __init__(self, delayed: Delayed) -> None:
+        self.delayed = delayed
+
+    def __repr__(self) -> str:
+        return f"SequentialFuture({self.delayed!r})"
+
+
+class GraphRunner:
+    """Computes Delayed objects in-process, memoising node outputs only while still needed."""
+
+    def __init__(self, roots: list[Delayed], max_retries: int = 0) -> None:
+        self.max_retries = max_retries
+        self._results: dict[int, list[Any]] = {}
+        self._errors: dict[int, TaskError] = {}
+        self._pending_uses: Counter[int] = Counter()
+        for node in topological_nodes(roots):
+            for dep in node.dependencies():
+                self._pending_uses[dep.node.uid] += 1
+        for root in roots:
+            self._pending_uses[root.node.uid] += 1
+
+    def compute(self, root: Delayed) -> tuple[Any, TaskError | None, int]:
+        """Return (value, error, attempts) of `root`, computing missing dependencies first."""
+        attempts = 1
+        for node in topological_nodes([root]):
+            if node.uid in self._results or node.uid in self._errors:
+                continue
+            attempts = self._run_node(node)
+        error = self._errors.get(root.node.uid)
+        value = None if error else self._output(root)
+        self._release(root)
+        return value, error, attempts
+
+    def _output(self, delayed: Delayed) -> Any:
+        outputs = self._results[delayed.node.uid]
+        return outputs[0] if delayed.index is None else outputs[delayed.index]
+
+    def _release(self, delayed: Delayed) -> None:
+        uid = delayed.node.uid
+        self._pending_uses[uid] -= 1
+        if self._pending_uses[uid] <= 0:
+            self._results.pop(uid, None)
+            self._pending_uses.pop(uid, None)
+
+    def _run_node(self, node: TaskNode) -> int:
+        deps = node.dependencies()
+        failed = [d for d in deps if d.node.uid in self._errors]
+        if failed:
+            upstream = self._errors[failed[0].node.uid]
+            self._errors[node.uid] = upstream
+            return 1
+        args = substitute(node.args, self._output)
+        kwargs = substitute(node.kwargs, self._output)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._results[node.uid] = split_outputs(node, node.func(*args, **kwargs))
+                break
+            except Exception as exc:  # a task's own error: report it, never crash the loop
+                if attempt <= self.max_retries:
+                    logger.warning(
+                        "task %s failed (%s: %s), retry %d/%d",
+                        node.name, type(exc).__name__, exc, attempt, self.max_retries,
+                    )
+                    continue
+                self._errors[node.uid] = TaskError.from_exception(exc)
+                break
+        for dep in deps:
+            self._release(dep)
+        return attempt
+
+
+@AbstractCluster.register("sequential")
+class SequentialCluster(AbstractCluster):
+    """Runs tasks one by one in the main process when their futures are iterated."""
+
+    CONF_OPTIONS = {}
+    IN_PROCESS = True
+
+    def create_task_wrapped(self, func: Callable[..., Any], nout: int = 1) -> Callable[..., Any]:
+        """A builder of lazy `Delayed` calls of `func`."""
+
+        def builder(*args: Any, **kwargs: Any) -> Delayed | tuple[Delayed, ...]:
+            return make_delayed(func, args, kwargs, nout)
+
+        builder.__name__ = getattr(func, "__name__", "task")
+        return builder
+
+    def get_delayed_type(self) -> type:
+        """Lazy objects are `zarr_orch.cluster.graph.Delayed`."""
+        return Delayed
+
+    def attach_sink(self, delayed: Delayed, sink: Callable[[Any], Any]) -> Delayed:
+        """A node applying `sink` to `delayed`'s value (fused: same process)."""
+        node = TaskNode(sink, (delayed,), {}, nout=1, fused=True)
+        return Delayed(node, None)
+
+    def start_tasks(self, task_list: list[Any]) -> list[SequentialFuture]:
+        """Wrap the tasks; nothing runs until `future_iterator` is consumed."""
+        return [SequentialFuture(task) for task in task_list]
+
+    def future_iterator(
+        self, future_list: list[SequentialFuture], timeout: float | None = None
+    ) -> Iterator[Outcome]:
+        """Compute the futures in order, yielding an Outcome for each."""
+        runner = GraphRunner([f.delayed for f in future_list], self.conf.get("max_retries", 0))
+        for future in future_list:
+            value, error, attempts = runner.compute(future.delayed)
+            yield Outcome(future, value=value, error=error, attempts=attempts)
+
+    def scatter(self, data: Any, broadcast: bool = True) -> Any:
+        """In-process: the data itself."""
+        return data
+
+    def cleanup(self, **kwargs: Any) -> None:
+        """Nothing to release."""

@@ -1,0 +1,179 @@
+"""Orchestrator configuration: validation, defaults and secret masking.
+
+The conf is a plain dict, as in CARS. Common keys are checked here, mode keys by the
+cluster class of the chosen mode (`CONF_OPTIONS`). Unknown keys and bad values are refused
+with a message that says what to change; `get_conf()` returns the fully defaulted result.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from zarr_orch.cluster.base import AbstractCluster, Option
+from zarr_orch.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODE = "multiprocessing"
+
+#: substrings of keys whose values are secrets (masked in get_conf, logs and metadata)
+SECRET_KEY_PARTS = ("secret", "password", "token", "key", "credential", "session")
+#: keys containing a secret-looking part that are nevertheless not secrets
+NOT_SECRET_KEYS = frozenset({"run_key", "cars_ds_key", "key_prefix", "endpoint_url", "region"})
+MASK = "***"
+
+
+def positive_number_or_none(name: str) -> Any:
+    """Validator: a number > 0, or None to disable."""
+
+    def check(value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+            raise ConfigurationError(f"{name} must be a number of seconds > 0 or null, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def non_negative_int(name: str) -> Any:
+    """Validator: an integer >= 0."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ConfigurationError(f"{name} must be an integer >= 0, got {value!r}")
+        return int(value)
+
+    return check
+
+
+def boolean(name: str) -> Any:
+    """Validator: a real bool (not a truthy string)."""
+
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{name} must be true or false, got {value!r}")
+        return value
+
+    return check
+
+
+def mapping(name: str) -> Any:
+    """Validator: a dict (copied)."""
+
+    def check(value: Any) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigurationError(f"{name} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+
+    return check
+
+
+def progress_value(value: Any) -> bool | str:
+    """Validator for `progress`: true, false or "auto" (a bar only on an interactive stderr)."""
+    if value in (True, False, "auto"):
+        return value
+    raise ConfigurationError(f'progress must be true, false or "auto", got {value!r}')
+
+
+def optional_str(name: str) -> Any:
+    """Validator: a string or None."""
+
+    def check(value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(f"{name} must be a string or null, got {value!r}")
+        return value
+
+    return check
+
+
+COMMON_OPTIONS: dict[str, Option] = {
+    "mode": Option(DEFAULT_MODE, lambda v: v, "execution mode (see the README's mode table)"),
+    "task_timeout": Option(
+        600.0,
+        positive_number_or_none("task_timeout"),
+        "seconds without any completed task before running tasks count as hung (parallel modes)",
+    ),
+    "max_retries": Option(
+        2, non_negative_int("max_retries"), "times a failing tile task is retried"
+    ),
+    "storage_options": Option(
+        {}, mapping("storage_options"), "fsspec/s3fs options for out_dir and products"
+    ),
+    "progress": Option(
+        "auto", progress_value, 'progress bar on stderr: true, false or "auto" (only on a tty)'
+    ),
+    "profiling": Option({}, mapping("profiling"), "accepted for CARS compatibility; unused"),
+    "run_key": Option(
+        None, optional_str("run_key"), "user key for what the library cannot see (code, params)"
+    ),
+}
+
+
+def validate_conf(
+    conf: Mapping[str, Any] | None,
+) -> tuple[type[AbstractCluster], dict[str, Any]]:
+    """Check `conf` and return the cluster class of its mode and the fully defaulted conf."""
+    import zarr_orch.cluster  # noqa: F401  (registers the modes)
+
+    if conf is None:
+        conf = {}
+    if not isinstance(conf, Mapping):
+        raise ConfigurationError(
+            f"orchestrator_conf must be a dict or None, got {type(conf).__name__}"
+        )
+    conf = dict(conf)
+    mode = conf.get("mode", DEFAULT_MODE)
+    if mode == "auto":
+        mode = DEFAULT_MODE
+    if not isinstance(mode, str):
+        raise ConfigurationError(f"mode must be a string, got {mode!r}")
+    cluster_cls = AbstractCluster.for_mode(mode)
+    options = {**COMMON_OPTIONS, **cluster_cls.CONF_OPTIONS}
+
+    unknown = sorted(set(conf) - set(options))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(options), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigurationError(
+            f"unknown orchestrator conf key(s) for mode {mode!r}: {', '.join(hints)}; "
+            f"valid keys are: {', '.join(sorted(options))}"
+        )
+    checked: dict[str, Any] = {}
+    for key, option in options.items():
+        if key == "mode":
+            checked["mode"] = mode
+            continue
+        value = conf[key] if key in conf else copy.deepcopy(option.default)
+        checked[key] = option.check(value)
+    return cluster_cls, checked
+
+
+def is_secret_key(key: str) -> bool:
+    """True when a conf/option key names a credential."""
+    lowered = key.lower()
+    if lowered in NOT_SECRET_KEYS:
+        return False
+    return any(part in lowered for part in SECRET_KEY_PARTS)
+
+
+def mask_secrets(obj: Any) -> Any:
+    """A deep copy of `obj` with the values of secret-looking keys replaced by '***'."""
+    if isinstance(obj, Mapping):
+        return {
+            key: (MASK if isinstance(key, str) and is_secret_key(key) and value is not None
+                  else mask_secrets(value))
+            for key, value in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return type(obj)(mask_secrets(v) for v in obj)
+    return obj

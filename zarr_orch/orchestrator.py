@@ -1,0 +1,484 @@
+"""The Orchestrator: CARS's API, with every tile streamed into a Zarr chunk.
+
+Applications register datasets (save / replace / compute), then `breakpoint()` runs them:
+each registered tile task gets a sink that writes the tile where it was computed and sends
+back a receipt; the orchestrator only does bookkeeping (done tiles, replaced tiles,
+metadata). Names and parameters follow ``cars.orchestrator.orchestrator``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from zarr_orch import __version__
+from zarr_orch import constants as cst
+from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
+from zarr_orch.conf import mask_secrets, validate_conf
+from zarr_orch.data.cars_dataset import is_concrete_tile
+from zarr_orch.errors import ConfigurationError, TaskFailedError
+from zarr_orch.registry.ids import IdGenerator
+from zarr_orch.registry.plan import build_plans, product_attributes
+from zarr_orch.registry.registries import Registries, TrackedDataset
+from zarr_orch.registry.sink import Receipt, TileSink
+from zarr_orch.storage.location import Location
+from zarr_orch.storage.product import ProductPlan, prepare_product, read_window
+
+logger = logging.getLogger(__name__)
+
+
+class NumpyJSONEncoder(json.JSONEncoder):
+    """JSON encoder for metadata: numpy scalars and arrays, tuples, sets, paths."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, set | frozenset):
+            return sorted(o, key=repr)
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        if hasattr(o, "to_wkt"):
+            return o.to_wkt()
+        return super().default(o)
+
+
+def merge_dicts(left: dict, right: dict) -> dict:
+    """Deep-merge `right` into a copy of `left`: nested dicts merge, other values overwrite."""
+    result = dict(left)
+    for key, value in right.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge_dicts(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def flatten_object(cars_ds_list: list[Any], delayed_type: Any) -> list[Any]:
+    """Flatten list of CarsDatasets to list of delayed (each dataset once, row-major order)."""
+    seen: set[int] = set()
+    result = []
+    for cars_ds in cars_ds_list:
+        if cars_ds is None or id(cars_ds) in seen:
+            continue
+        seen.add(id(cars_ds))
+        for row in cars_ds.tiles or []:
+            for obj in row:
+                if obj is not None and isinstance(obj, delayed_type):
+                    result.append(obj)
+    return result
+
+
+def update_saving_infos(
+    saving_info_left: dict[str, Any], row: int | None = None, col: int | None = None
+) -> dict[str, Any]:
+    """Update saving infos dict with row and col arguments (returns a copy)."""
+    full = dict(saving_info_left)
+    if row is not None:
+        full[cst.CARS_DS_ROW] = int(row)
+    if col is not None:
+        full[cst.CARS_DS_COL] = int(col)
+    return full
+
+
+class _ProductState:
+    """What the main process knows of one product: where it is and which tiles are done."""
+
+    __slots__ = ("done", "file_name", "plan")
+
+    def __init__(self, plan: ProductPlan, file_name: str, done: set[tuple[int, int]]) -> None:
+        self.plan = plan
+        self.file_name = file_name
+        self.done = done
+
+
+class Orchestrator:
+    """Orchestrator: registers CarsDatasets and computes them at breakpoints into Zarr."""
+
+    def __init__(
+        self,
+        orchestrator_conf: dict[str, Any] | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
+        launch_worker: bool = True,
+        out_json_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        cluster_cls, self._conf = validate_conf(orchestrator_conf)
+        self._storage_options = self._conf["storage_options"]
+        self.tmp_dir_list: list[Any] = []
+        if out_dir is None:
+            out_dir = tempfile.mkdtemp(prefix="zarr_orch_")
+            self.add_to_clean(out_dir)
+            logger.info("no out_dir given: using temporary directory %s (removed at exit)", out_dir)
+        self.out_location = Location.parse(out_dir, self._storage_options)
+        self.out_dir = self.out_location.url
+        _check_out_dir(self.out_location)
+        if out_json_path is None:
+            self.out_json_location = self.out_location.join("metadata.json")
+        else:
+            self.out_json_location = Location.parse(out_json_path, base=self.out_location)
+        self.out_json_path = self.out_json_location.url
+        self.launch_worker = launch_worker
+        self.run_id = uuid.uuid4().hex[:12]
+        self.out_json: dict[str, Any] = {}
+        self._started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.id_generator = IdGenerator()
+        self.registries = Registries()
+        self._products: dict[str, _ProductState] = {}
+        self._saved_tags: dict[int, dict[str, str]] = {}
+        self._stats = {"breakpoints": 0, "tiles": 0, "bytes": 0, "failed": 0, "seconds": 0.0}
+        self._closed = False
+        self.cluster: AbstractCluster = cluster_cls(self._conf, self.out_location, launch_worker)
+        logger.info("orchestrator %s started: mode %s, out_dir %s", self.run_id,
+                    self._conf["mode"], self.out_location)
+
+    # -- configuration -----------------------------------------------------------------------
+    def get_conf(self) -> dict[str, Any]:
+        """Get orchestrator conf: the validated conf with every default filled (secrets masked)."""
+        return mask_secrets(self._conf)
+
+    def add_to_clean(self, tmp_dir: str | os.PathLike[str]) -> None:
+        """Register a directory to remove when the orchestrator exits."""
+        self.tmp_dir_list.append(tmp_dir)
+
+    # -- registration ------------------------------------------------------------------------
+    def add_to_save_lists(
+        self,
+        file_name: str,
+        tag: str,
+        cars_ds: Any,
+        dtype: Any = "float32",
+        nodata: Any = 0,
+        cars_ds_name: str | None = None,
+        optional_data: bool = False,
+        save_points_cloud_by_pair: bool = False,
+    ) -> None:
+        """Save `tag` of every tile of `cars_ds` into the Zarr product `file_name`."""
+        key = self.id_generator.get_id(cars_ds)
+        self.registries.add_save(
+            cars_ds, key, cars_ds_name, file_name, tag, dtype, nodata,
+            optional_data, save_points_cloud_by_pair,
+        )
+
+    def add_to_replace_lists(self, cars_ds: Any, cars_ds_name: str | None = None) -> None:
+        """Bring computed tiles back into `cars_ds` at the breakpoint."""
+        self.registries.add_replace(cars_ds, self.id_generator.get_id(cars_ds), cars_ds_name)
+
+    def add_to_compute_lists(self, cars_ds: Any, cars_ds_name: str | None = None) -> None:
+        """Compute `cars_ds` for the tasks' side effects; results are not kept."""
+        self.registries.add_compute(cars_ds, self.id_generator.get_id(cars_ds), cars_ds_name)
+
+    def get_saving_infos(self, cars_ds_list: list[Any]) -> list[dict[str, int]]:
+        """Saving infos ``{"cars_ds_key": id}`` of each dataset (stable ids)."""
+        return [{cst.CARS_DS_KEY: self.id_generator.get_id(cds)} for cds in cars_ds_list]
+
+    # -- metadata ----------------------------------------------------------------------------
+    def update_out_info(self, new_dict: dict[str, Any]) -> None:
+        """Deep-merge `new_dict` into the run's metadata (written to out_json_path)."""
+        if not isinstance(new_dict, dict):
+            raise ConfigurationError(f"update_out_info needs a dict, got {type(new_dict).__name__}")
+        self.out_json = merge_dicts(self.out_json, new_dict)
+
+    def save_out_json(self) -> None:
+        """Write the run's metadata JSON (user info + products + run summary)."""
+        content = merge_dicts(self.out_json, {"zarr_orch": self._run_info()})
+        text = json.dumps(content, indent=2, cls=NumpyJSONEncoder, sort_keys=False)
+        self.out_json_location.write_text(text + "\n")
+
+    def _run_info(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "run_id": self.run_id,
+            "started": self._started,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "out_dir": self.out_dir,
+            "conf": self.get_conf(),
+            "stats": dict(self._stats),
+            "products": {
+                state.file_name: {
+                    "url": url,
+                    "kind": state.plan.kind,
+                    "dataset": state.plan.dataset_name,
+                    "tags": list(state.plan.tag_names),
+                    "tiles_done": len(state.done),
+                    "tiles_total": state.plan.grid_shape[0] * state.plan.grid_shape[1],
+                }
+                for url, state in self._products.items()
+            },
+        }
+
+    @property
+    def products(self) -> dict[str, str]:
+        """{file name as registered: product URL} of every product written so far."""
+        return {state.file_name: url for url, state in self._products.items()}
+
+    # -- reading back ------------------------------------------------------------------------
+    def get_data(self, tag: str, future_object: Any) -> tuple[Any, Any]:
+        """Data already on disk at the tile's core window: ``(array, nodata)`` or (None, None)."""
+        attrs = getattr(future_object, "attrs", None) or {}
+        info = attrs.get(cst.SAVING_INFO) or {}
+        key = info.get(cst.CARS_DS_KEY)
+        url = self._saved_tags.get(key, {}).get(tag)
+        window = attrs.get(cst.WINDOW)
+        if url is None or window is None:
+            return None, None
+        state = self._products[url]
+        tile = (info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
+        if tile not in state.done:
+            return None, None
+        spec = next(t for t in state.plan.tags if t.name == tag)
+        return read_window(state.plan.location, tag, window), spec.nodata
+
+    # -- execution ---------------------------------------------------------------------------
+    def compute_futures(self, only_remaining_delayed: list[Any] | None = None) -> bool:
+        """Compute all futures from registries: write saved tiles, replace replaced ones.
+
+        Returns True when any tile was computed. `only_remaining_delayed` restricts the run to
+        those delayed objects (CARS's second pass).
+        """
+        if not self.launch_worker:
+            logger.info("launch_worker is false: nothing is computed")
+            return False
+        start = time.perf_counter()
+        tracked = self.registries.ordered()
+        plans = self._prepare_products(tracked)
+        delayed_type = self.cluster.get_delayed_type()
+        restrict = None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
+        tasks, sinks, local = [], [], []
+        for item in tracked:
+            keep = item.key in self.registries.replace_keys or item.cars_ds.final_function
+            worker_plans = () if item.cars_ds.final_function else tuple(plans.get(item.key, ()))
+            for row, line in enumerate(item.cars_ds.tiles):
+                for col, obj in enumerate(line):
+                    if obj is None:
+                        continue
+                    sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
+                                    worker_plans, bool(keep))
+                    if isinstance(obj, delayed_type):
+                        if restrict is not None and id(obj) not in restrict:
+                            continue
+                        tasks.append(self.cluster.attach_sink(obj, sink))
+                        sinks.append(sink)
+                    elif item.key in self.registries.save_entries and is_concrete_tile(obj):
+                        local.append((sink, obj))
+        tiles = failed = nbytes = 0
+        failures: list[tuple[TileSink, TaskError]] = []
+        for sink, obj in local:  # concrete tiles (e.g. replaced earlier, now saved)
+            receipt = sink(obj)
+            nbytes += self._book(receipt, plans)
+            tiles += 1
+        futures = self.cluster.start_tasks(tasks) if tasks else []
+        sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
+        for outcome in self.cluster.future_iterator(futures, timeout=self._conf["task_timeout"]):
+            sink = sink_of.pop(id(outcome.future))
+            receipt = self._receive(outcome, sink, plans, failures)
+            if receipt is None:
+                failed += 1
+                continue
+            nbytes += self._book(receipt, plans)
+            tiles += 1
+        del futures
+        self._clear_unfinished(tracked, delayed_type)
+        seconds = time.perf_counter() - start
+        self._stats["breakpoints"] += 1
+        self._stats["tiles"] += tiles
+        self._stats["bytes"] += nbytes
+        self._stats["failed"] += failed
+        self._stats["seconds"] += seconds
+        logger.info(
+            "breakpoint: %d tiles done, %d failed, %.1f MB written in %.2f s",
+            tiles, failed, nbytes / 1e6, seconds,
+        )
+        if failures:
+            raise _failure_error(failures, tiles)
+        return tiles > 0
+
+    def _prepare_products(self, tracked: list[TrackedDataset]) -> dict[int, list[ProductPlan]]:
+        """Check grids, create product groups and records, read which tiles are done."""
+        plans: dict[int, list[ProductPlan]] = {}
+        for item in tracked:
+            entries = self.registries.save_entries.get(item.key)
+            if not entries:
+                continue
+            plans[item.key] = build_plans(item, entries, self.out_location)
+        seen: dict[str, int] = {}
+        for key, key_plans in plans.items():
+            for plan in key_plans:
+                for tag in plan.tag_names:
+                    owner = seen.setdefault(f"{plan.location.url}::{tag}", key)
+                    if owner != key:
+                        raise ConfigurationError(
+                            f"tag {tag!r} of {plan.location.url} is saved by two datasets "
+                            f"({self.registries.datasets[owner].name} and "
+                            f"{self.registries.datasets[key].name}); one writer per chunk: "
+                            "save them to different file names or tags"
+                        )
+        for key, key_plans in plans.items():
+            item = self.registries.datasets[key]
+            for plan in key_plans:
+                file_name = next(
+                    e.file_name for e in self.registries.save_entries[key]
+                    if e.tag == plan.tags[0].name
+                )
+                done = prepare_product(plan, product_attributes(plan, item.cars_ds, file_name))
+                self._products[plan.location.url] = _ProductState(plan, file_name, set())
+                for tag in plan.tag_names:
+                    self._saved_tags.setdefault(key, {})[tag] = plan.location.url
+                logger.debug("%s: %d tiles already recorded", plan.location, len(done))
+        return plans
+
+    def _receive(
+        self,
+        outcome: Outcome,
+        sink: TileSink,
+        plans: dict[int, list[ProductPlan]],
+        failures: list[tuple[TileSink, TaskError]],
+    ) -> Receipt | None:
+        """Turn an outcome into a receipt; run a final_function in the main process if any."""
+        if not outcome.ok:
+            failures.append((sink, outcome.error))
+            logger.error("%s failed: %s", sink.what, outcome.error)
+            return None
+        receipt: Receipt = outcome.value
+        item = self.registries.datasets[sink.key]
+        final_function = item.cars_ds.final_function
+        if final_function is not None and receipt.tile is not None:
+            try:
+                tile = final_function(self, receipt.tile)
+                writer = TileSink(sink.key, sink.name, sink.row, sink.col, sink.dataset_type,
+                                  tuple(plans.get(sink.key, ())), sink.keep_tile)
+                receipt = writer(tile)
+            except Exception as exc:
+                failures.append((sink, TaskError.from_exception(exc)))
+                logger.error("%s: final_function failed: %s", sink.what, exc)
+                return None
+        return receipt
+
+    def _book(self, receipt: Receipt, plans: dict[int, list[ProductPlan]]) -> int:
+        """Bookkeeping of one finished tile: done sets, replaced cell."""
+        for url in receipt.writes:
+            self._products[url].done.add((receipt.row, receipt.col))
+        if receipt.key in self.registries.replace_keys:
+            cars_ds = self.registries.datasets[receipt.key].cars_ds
+            cars_ds.tiles[receipt.row][receipt.col] = receipt.tile
+        return receipt.nbytes
+
+    def _clear_unfinished(self, tracked: list[TrackedDataset], delayed_type: Any) -> None:
+        """Replaced datasets hold concrete tiles or None after a breakpoint, never delayed."""
+        for item in tracked:
+            if item.key not in self.registries.replace_keys:
+                continue
+            for line in item.cars_ds.tiles:
+                for col, obj in enumerate(line):
+                    if obj is not None and isinstance(obj, delayed_type):
+                        line[col] = None
+
+    def breakpoint(self) -> bool:
+        """Breakpoint: compute all delayed, save and replace data in CarsDatasets.
+
+        Registries are emptied afterwards, whether the computation succeeded or not.
+        """
+        if not self.registries:
+            logger.debug("breakpoint: nothing registered")
+            return False
+        try:
+            return self.compute_futures()
+        finally:
+            self.reset_registries()
+            if self.launch_worker:
+                self._save_metadata_quietly()
+
+    def reset_registries(self) -> None:
+        """Forget every registration (ids stay unique for the orchestrator's lifetime)."""
+        self.registries = Registries()
+
+    def reset_cluster(self) -> None:
+        """Stop the cluster and start a fresh one with the same conf."""
+        self.cluster.cleanup()
+        self.cluster = type(self.cluster)(self._conf, self.out_location, self.launch_worker)
+
+    def _save_metadata_quietly(self) -> None:
+        try:
+            self.save_out_json()
+        except Exception as exc:  # never hide the real outcome of a run behind metadata I/O
+            logger.error("could not write %s: %s", self.out_json_location, exc)
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> Orchestrator:
+        """Function run on enter."""
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback_msg: Any) -> bool:
+        """Compute what is still registered (unless the body raised), then clean up."""
+        try:
+            if exc_type is None:
+                self.breakpoint()
+                if self.launch_worker:
+                    self.save_out_json()
+            elif self.registries:
+                logger.info("the with-block raised: registered tasks are not started")
+        finally:
+            self.cleanup()
+        return False
+
+    def cleanup(self) -> None:
+        """Stop the cluster and remove the directories registered with add_to_clean."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.cluster.cleanup()
+        finally:
+            for path in self.tmp_dir_list:
+                _remove(path, self._storage_options)
+
+    def __repr__(self) -> str:
+        return (f"Orchestrator(mode={self._conf['mode']!r}, out_dir={self.out_location!r}, "
+                f"run_id={self.run_id!r})")
+
+
+def _failure_error(failures: list[tuple[TileSink, TaskError]], done: int) -> TaskFailedError:
+    sink, error = failures[0]
+    others = f" ({len(failures) - 1} other tile(s) failed too)" if len(failures) > 1 else ""
+    message = (
+        f"task for {sink.what} failed: {error.exc_type}: {error.message}{others}; "
+        f"{done} tile(s) finished and are kept on disk.\n\nOriginal traceback:\n{error.traceback}"
+    )
+    exc = TaskFailedError(message, dataset_name=sink.name, row=sink.row, col=sink.col,
+                          original_traceback=error.traceback)
+    exc.failures = [(s.name, s.row, s.col, str(e)) for s, e in failures]
+    return exc
+
+
+def _check_out_dir(location: Location) -> None:
+    """Create a local out_dir and make sure it is a writable directory."""
+    if not location.is_local:
+        return
+    if os.path.exists(location.url) and not os.path.isdir(location.url):
+        raise ConfigurationError(f"out_dir {location.url} exists and is not a directory")
+    try:
+        os.makedirs(location.url, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create out_dir {location.url}: {exc.strerror}") from None
+    if not os.access(location.url, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"out_dir {location.url} is not writable; choose another one")
+
+
+def _remove(path: Any, storage_options: dict[str, Any]) -> None:
+    try:
+        location = Location.parse(path, storage_options)
+        if location.is_local:
+            shutil.rmtree(location.url, ignore_errors=True)
+        else:
+            location.rm()
+    except Exception as exc:  # cleanup must not mask the run's own outcome
+        logger.warning("could not remove %s: %s", path, exc)

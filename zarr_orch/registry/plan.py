@@ -1,0 +1,113 @@
+"""Turn saver registrations into product plans (main process, once per breakpoint).
+
+This is where grids are checked against the chunk layout — a misaligned grid is refused
+before any task starts — and where CARS file names (``dsm.tif``) become Zarr products.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import Any
+
+import numpy as np
+
+from zarr_orch import __version__
+from zarr_orch import constants as cst
+from zarr_orch.data.tiling import grid_extent, regular_chunk_shape
+from zarr_orch.errors import ConfigurationError, MisalignedGridError
+from zarr_orch.registry.registries import SaveEntry, TrackedDataset
+from zarr_orch.storage.location import Location
+from zarr_orch.storage.product import FORMAT_NAME, FORMAT_VERSION, ProductPlan, TagSpec, now_iso
+
+logger = logging.getLogger(__name__)
+
+#: extensions of CARS's file formats that are replaced by ``.zarr``
+REPLACED_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".csv", ".laz", ".las",
+                     ".nc", ".h5")
+
+
+def product_location(file_name: str, out_dir: Location) -> Location:
+    """Where `file_name` is stored: under `out_dir` when relative, always ending in ``.zarr``."""
+    location = Location.parse(file_name, base=out_dir)
+    name = location.name
+    lowered = name.lower()
+    if lowered.endswith(".zarr"):
+        return location
+    stem = name
+    for suffix in REPLACED_SUFFIXES:
+        if lowered.endswith(suffix):
+            stem = name[: -len(suffix)]
+            break
+    if not stem:
+        raise ConfigurationError(f"file name {file_name!r} has no name before its extension")
+    if location.is_local:
+        import os
+
+        return Location(os.path.join(os.path.dirname(location.url), stem + ".zarr"), {})
+    return Location(posixpath.join(posixpath.dirname(location.url), stem + ".zarr"),
+                    location.storage_options)
+
+
+def build_plans(
+    tracked: TrackedDataset, entries: list[SaveEntry], out_dir: Location
+) -> list[ProductPlan]:
+    """One ProductPlan per product the dataset saves into (entries grouped by file name)."""
+    cars_ds = tracked.cars_ds
+    grid = np.asarray(cars_ds.tiling_grid)
+    if cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY:
+        try:
+            chunks = regular_chunk_shape(grid)
+        except MisalignedGridError as exc:
+            raise MisalignedGridError(
+                f"{tracked.name} cannot be saved as Zarr chunks: {exc}"
+            ) from None
+        extent = grid_extent(grid)
+    else:
+        chunks, extent = (1, 1), (int(grid.shape[0]), int(grid.shape[1]))
+    by_file: dict[str, list[SaveEntry]] = {}
+    for entry in entries:
+        by_file.setdefault(entry.file_name, []).append(entry)
+    plans = []
+    for file_name, group in by_file.items():
+        tags = tuple(TagSpec(e.tag, e.dtype, e.nodata, e.optional) for e in group)
+        plans.append(
+            ProductPlan(
+                location=product_location(file_name, out_dir),
+                kind=cars_ds.dataset_type,
+                dataset_name=tracked.name,
+                tags=tags,
+                chunks=(int(chunks[0]), int(chunks[1])),
+                extent=(int(extent[0]), int(extent[1])),
+                grid_shape=(int(grid.shape[0]), int(grid.shape[1])),
+                save_by_pair=any(e.by_pair for e in group),
+            )
+        )
+    return plans
+
+
+def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[str, Any]:
+    """The group attributes that describe a product (JSON-safe)."""
+    overlaps = np.asarray(cars_ds.overlaps) if cars_ds.overlaps is not None else None
+    return {
+        "zarr_orch": {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "kind": plan.kind,
+            "dataset": plan.dataset_name,
+            "file_name": file_name,
+            "tags": {
+                t.name: {"dtype": str(np.dtype(t.dtype)), "nodata": t.nodata,
+                         "optional": t.optional}
+                for t in plan.tags
+            },
+            "records": [plan.records],
+            "tile_size": list(plan.chunks),
+            "tile_grid_shape": list(plan.grid_shape),
+            "extent": list(plan.extent),
+            "max_overlaps": [int(v) for v in overlaps.max(axis=(0, 1))]
+            if overlaps is not None and overlaps.size else [0, 0, 0, 0],
+            "created": now_iso(),
+        }
+    }

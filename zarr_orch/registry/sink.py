@@ -1,0 +1,94 @@
+"""The tile sink: what runs right after a tile is computed, in the process that computed it.
+
+It checks the tile's routing (`saving_info`), writes each registered tag as one whole
+chunk, records the tile as done, and returns a small `Receipt` to the main process. The
+tile itself travels back only when the main process needs it (replaced datasets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from zarr_orch import constants as cst
+from zarr_orch.errors import TileError
+from zarr_orch.storage.product import ProductPlan, TileWrite
+from zarr_orch.storage.writers import write_tile
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Receipt:
+    """What the main process learns about a finished tile (small unless `tile` is kept)."""
+
+    key: int
+    row: int
+    col: int
+    writes: dict[str, TileWrite] = field(default_factory=dict)
+    seconds: float = 0.0
+    pid: int = 0
+    tile: Any = None
+    empty: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes written for this tile, all products together."""
+        return sum(w.nbytes for w in self.writes.values())
+
+
+@dataclass(frozen=True)
+class TileSink:
+    """Picklable callable applied to one computed tile of one registered dataset cell."""
+
+    key: int
+    name: str
+    row: int
+    col: int
+    dataset_type: str
+    plans: tuple[ProductPlan, ...] = ()
+    keep_tile: bool = False
+
+    @property
+    def what(self) -> str:
+        """How messages name this tile."""
+        return f"tile (row={self.row}, col={self.col}) of {self.name}"
+
+    def __call__(self, tile: Any) -> Receipt:
+        start = time.perf_counter()
+        receipt = Receipt(self.key, self.row, self.col, pid=os.getpid())
+        if tile is None:
+            receipt.empty = True
+            return receipt
+        self.check_routing(tile)
+        for plan in self.plans:
+            receipt.writes[plan.location.url] = write_tile(plan, tile, self.row, self.col, self.what)
+        receipt.seconds = time.perf_counter() - start
+        if self.keep_tile:
+            receipt.tile = tile
+        return receipt
+
+    def check_routing(self, tile: Any) -> None:
+        """Refuse tiles without `saving_info` or whose saving_info names another cell."""
+        attrs = getattr(tile, "attrs", None)
+        if not isinstance(attrs, dict):
+            raise TileError(
+                f"{self.what}: the task returned a {type(tile).__name__}, which has no .attrs; "
+                f"return an xarray.Dataset, a pandas.DataFrame or a CarsDict"
+            )
+        info = attrs.get(cst.SAVING_INFO)
+        if not isinstance(info, dict):
+            raise TileError(
+                f"{self.what}: the task returned a tile without attrs['saving_info']; fill it "
+                "with fill_dataset(..., saving_info=update_saving_infos(info, row, col))"
+            )
+        got = (info.get(cst.CARS_DS_KEY), info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
+        if got != (self.key, self.row, self.col):
+            raise TileError(
+                f"{self.what}: its saving_info {info} names dataset key {got[0]}, row {got[1]}, "
+                f"col {got[2]} but the task sits at key {self.key}, row {self.row}, col "
+                f"{self.col}; build it with update_saving_infos(saving_info, row, col)"
+            )

@@ -1,0 +1,431 @@
+"""The product layout: one Zarr v3 group per saved file name, one array per tag.
+
+A tile's core window (overlaps cropped) is exactly one chunk of each tag's array, written
+whole and once, so every write is atomic and safe to retry. Arrays are created by whoever
+writes the first tile (the main process or a worker) with deterministic metadata and
+``overwrite=False``: racing creators write identical bytes and never delete data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from zarr_orch import constants as cst
+from zarr_orch.errors import ProductError, TileError
+from zarr_orch.storage import records as rec
+from zarr_orch.storage.encoding import (
+    cast_tile,
+    gdal_geotransform,
+    geo_layout,
+    pixel_centre_coords,
+    xarray_fill_attrs,
+)
+from zarr_orch.storage.location import Location
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "zarr_orch.product"
+FORMAT_VERSION = 1
+SPATIAL_REF = "spatial_ref"
+KINDS = (cst.CARS_DS_TYPE_ARRAY, cst.CARS_DS_TYPE_POINTS, cst.CARS_DS_TYPE_DICT)
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """One saved tag: its stored dtype (a numpy dtype string), nodata and optionality."""
+
+    name: str
+    dtype: str
+    nodata: Any = None
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ProductPlan:
+    """Everything a writer needs to store one dataset's tiles into one product (picklable)."""
+
+    location: Location
+    kind: str
+    dataset_name: str
+    tags: tuple[TagSpec, ...]
+    chunks: tuple[int, int]
+    extent: tuple[int, int]
+    grid_shape: tuple[int, int]
+    save_by_pair: bool = False
+    records: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.records:
+            object.__setattr__(self, "records", rec.records_name([t.name for t in self.tags]))
+
+    @property
+    def tag_names(self) -> tuple[str, ...]:
+        """The names of the saved tags."""
+        return tuple(t.name for t in self.tags)
+
+
+@dataclass
+class TileWrite:
+    """What writing one tile into one product did (small: travels back in receipts)."""
+
+    tags: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    nbytes: int = 0
+    crcs: dict[str, int] = field(default_factory=dict)
+
+
+# -- store handles (cached per process: workers reopen from the URL) ------------------------------
+
+_HANDLES: dict[tuple[Any, ...], Any] = {}
+
+
+def _cached(kind: str, location: Location, name: str, opener: Any) -> Any:
+    key = (os.getpid(), kind, location.url, name)
+    handle = _HANDLES.get(key)
+    if handle is None:
+        handle = opener()
+        _HANDLES[key] = handle
+    return handle
+
+
+def forget_handles(location: Location | None = None) -> None:
+    """Drop cached handles (all, or those of one product) after it was re-created."""
+    for key in list(_HANDLES):
+        if location is None or key[2] == location.url:
+            del _HANDLES[key]
+
+
+def open_group(location: Location, mode: str = "r+") -> zarr.Group:
+    """Open the product group at `location` (zarr v3)."""
+    store = location.zarr_store(read_only=mode == "r")
+    return zarr.open_group(store, mode=mode, zarr_format=3)
+
+
+def _group(location: Location) -> zarr.Group:
+    return _cached("group", location, "", lambda: open_group(location, "r+"))
+
+
+# -- preparing a product (main process, before tasks start) ---------------------------------------
+
+
+def product_info(location: Location) -> dict[str, Any] | None:
+    """The zarr_orch attributes of the product at `location`, None when nothing is there."""
+    store = location.zarr_store(read_only=True)
+    try:
+        group = zarr.open_group(store, mode="r", zarr_format=3)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # zarr v2 data, a file, garbage: refuse rather than touch it
+        raise ProductError(
+            f"{location.url} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
+            "choose another file name or remove it"
+        ) from None
+    info = group.attrs.get("zarr_orch")
+    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+        raise ProductError(
+            f"{location.url} is a Zarr group that zarr_orch did not write; refusing to write "
+            "into it: choose another file name or remove it"
+        )
+    version = info.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ProductError(
+            f"{location.url} was written by a newer zarr_orch (format version {version}, this "
+            f"one reads up to {FORMAT_VERSION}); upgrade zarr_orch to use it"
+        )
+    return info
+
+
+def prepare_product(plan: ProductPlan, attributes: dict[str, Any]) -> set[tuple[int, int]]:
+    """Create the product group and its completion records (or check the existing ones).
+
+    Returns the tiles already recorded as done. Existing arrays whose chunks, dtype or
+    nodata differ from the plan are refused: nothing on disk is changed in that case.
+    """
+    if plan.kind not in KINDS:
+        raise ProductError(f"unknown product kind {plan.kind!r}")
+    info = product_info(plan.location)
+    store = plan.location.zarr_store()
+    if info is None:
+        plan.location.makedirs()
+        group = zarr.open_group(store, mode="a", zarr_format=3)
+        group.attrs.update(attributes)
+    else:
+        group = zarr.open_group(store, mode="r+", zarr_format=3)
+        if info.get("kind", plan.kind) != plan.kind:
+            raise ProductError(
+                f"{plan.location.url} holds a {info.get('kind')!r} product; it cannot receive "
+                f"{plan.kind!r} tiles: choose another file name"
+            )
+        _check_existing_arrays(group, plan)
+        old = dict(group.attrs.get("zarr_orch", {}))
+        new = attributes["zarr_orch"]
+        merged = {**old, **new}
+        merged["tags"] = {**old.get("tags", {}), **new.get("tags", {})}
+        merged["records"] = sorted(set(old.get("records", [])) | set(new.get("records", [])))
+        merged["created"] = old.get("created", new.get("created"))
+        group.attrs["zarr_orch"] = merged
+    rec.create_records(group, plan.records, plan.grid_shape, plan.tag_names)
+    forget_handles(plan.location)
+    return rec.done_tiles(store, plan.records)
+
+
+def _check_existing_arrays(group: zarr.Group, plan: ProductPlan) -> None:
+    if plan.kind != cst.CARS_DS_TYPE_ARRAY:
+        return
+    for tag in plan.tags:
+        if tag.name not in group.array_keys():
+            continue
+        array = group[tag.name]
+        problems = []
+        if tuple(array.chunks[-2:]) != tuple(plan.chunks):
+            problems.append(f"chunks {tuple(array.chunks[-2:])} != tile size {plan.chunks}")
+        if np.dtype(array.dtype) != np.dtype(tag.dtype):
+            problems.append(f"dtype {array.dtype} != {tag.dtype}")
+        if not _same_fill(array.fill_value, tag.nodata):
+            problems.append(f"nodata {array.fill_value} != {tag.nodata}")
+        if problems:
+            raise ProductError(
+                f"{plan.location.url}/{tag.name} already exists with another layout ("
+                + "; ".join(problems)
+                + "): choose another out_dir or file name, or remove the old product"
+            )
+
+
+def _same_fill(stored: Any, nodata: Any) -> bool:
+    if nodata is None:
+        return True
+    stored = float(stored)
+    return (np.isnan(stored) and np.isnan(float(nodata))) or stored == float(nodata)
+
+
+# -- arrays ---------------------------------------------------------------------------------------
+
+
+def _ensure_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: dict) -> Any:
+    """Open the tag's array, creating it (and the coordinates) when this is the first tile."""
+
+    def opener() -> Any:
+        group = _group(plan.location)
+        if tag.name not in group.array_keys():
+            _create_array(group, plan, tag, shape, geo)
+        array = group[tag.name]
+        if tuple(array.shape) != shape:
+            raise TileError(
+                f"tag {tag.name!r} of {plan.location.url} has shape {tuple(array.shape)} but "
+                f"this tile implies {shape} (profile height/width or band count changed)"
+            )
+        return array
+
+    return _cached("array", plan.location, tag.name, opener)
+
+
+def _create_array(
+    group: zarr.Group, plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: dict
+) -> None:
+    height, width = shape[-2:]
+    _ensure_coordinates(group, height, width, shape[0] if len(shape) == 3 else None, geo)
+    attrs, fill_value = xarray_fill_attrs(tag.dtype, tag.nodata, len(shape))
+    coords = []
+    if geo.get("has_xy"):
+        coords += ["x", "y"]
+    if geo.get("has_ref"):
+        coords.append(SPATIAL_REF)
+        attrs["grid_mapping"] = SPATIAL_REF
+    if coords:
+        attrs["coordinates"] = " ".join(coords)
+    dims = [cst.ROW, cst.COL] if len(shape) == 2 else [cst.BAND, cst.ROW, cst.COL]
+    chunks = tuple(plan.chunks) if len(shape) == 2 else (shape[0], *plan.chunks)
+    try:
+        group.create_array(
+            tag.name,
+            shape=shape,
+            chunks=chunks,
+            dtype=tag.dtype,
+            fill_value=fill_value,
+            dimension_names=dims,
+            attributes=attrs,
+            overwrite=False,
+        )
+    except zarr.errors.ContainsArrayError:
+        pass  # another writer created it first, from the same plan
+
+
+def _ensure_coordinates(
+    group: zarr.Group, height: int, width: int, bands: int | None, geo: dict
+) -> None:
+    """Index coordinates row/col (pixel numbers), x/y from the transform, spatial_ref."""
+    existing = set(group.array_keys())
+
+    def put(name: str, values: np.ndarray, dims: list[str], attrs: dict[str, Any]) -> None:
+        if name in existing:
+            stored = group[name]
+            if tuple(stored.shape) != values.shape:
+                raise TileError(
+                    f"coordinate {name!r} of {group.store_path} has {stored.shape[0]} values "
+                    f"but this tile implies {values.shape[0]}: every tag of one product must "
+                    "share the raster size; save tags of other sizes to another file name"
+                )
+            return
+        try:
+            array = group.create_array(
+                name, shape=values.shape, chunks=values.shape or (), dtype=values.dtype,
+                dimension_names=dims, attributes=attrs, overwrite=False, fill_value=0,
+            )
+            array[...] = values
+        except zarr.errors.ContainsArrayError:
+            pass
+
+    put(cst.ROW, np.arange(height, dtype="int64"), [cst.ROW], {"long_name": "pixel row"})
+    put(cst.COL, np.arange(width, dtype="int64"), [cst.COL], {"long_name": "pixel column"})
+    if bands is not None:
+        put(cst.BAND, np.arange(1, bands + 1, dtype="int64"), [cst.BAND], {"long_name": "band"})
+    coeffs = geo.get("transform")
+    if coeffs:
+        x, y = pixel_centre_coords(tuple(coeffs), height, width)
+        if x is not None:
+            put("x", x, [cst.COL], {"long_name": "x coordinate of pixel centre", "axis": "X"})
+            put("y", y, [cst.ROW], {"long_name": "y coordinate of pixel centre", "axis": "Y"})
+    if geo.get("has_ref"):
+        ref_attrs: dict[str, Any] = {}
+        if geo.get("crs_wkt"):
+            ref_attrs["crs_wkt"] = geo["crs_wkt"]
+            ref_attrs["spatial_ref"] = geo["crs_wkt"]
+        if geo.get("crs"):
+            ref_attrs["crs"] = geo["crs"]
+        if coeffs:
+            ref_attrs["GeoTransform"] = gdal_geotransform(tuple(coeffs))
+        put(SPATIAL_REF, np.array(0, dtype="int64"), [], ref_attrs)
+
+
+def _geo_for_tile(tile: Any) -> dict[str, Any]:
+    profile = tile.attrs.get(cst.PROFILE) or {}
+    geo = geo_layout(profile)
+    coeffs = geo["transform"]
+    geo["has_xy"] = bool(coeffs) and coeffs[1] == 0 and coeffs[3] == 0
+    geo["has_ref"] = bool(coeffs or geo["crs_wkt"] or geo["crs"])
+    return geo
+
+
+def array_shape(plan: ProductPlan, tile: Any) -> tuple[int, int]:
+    """(height, width) of the product: the profile's when given, else the tile grid's extent."""
+    profile = tile.attrs.get(cst.PROFILE) or {}
+    height = profile.get("height", plan.extent[0])
+    width = profile.get("width", plan.extent[1])
+    try:
+        return int(height), int(width)
+    except (TypeError, ValueError):
+        raise TileError(f"profile height/width {height!r}/{width!r} are not integers") from None
+
+
+def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: str):
+    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk."""
+    try:
+        r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
+        c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
+    except (KeyError, TypeError, ValueError):
+        raise TileError(
+            f"{what} has no valid attrs['window'] (row_min, row_max, col_min, col_max): "
+            f"got {window!r}; fill it with fill_dataset(..., window=...)"
+        ) from None
+    height, width = shape
+    if r0 < 0 or c0 < 0 or r1 > height or c1 > width or r1 <= r0 or c1 <= c0:
+        raise TileError(
+            f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is outside the {height}x{width} "
+            "array (or empty)"
+        )
+    ch, cw = plan.chunks
+    if r0 % ch or c0 % cw or r1 != min(r0 + ch, height) or c1 != min(c0 + cw, width):
+        raise TileError(
+            f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is not exactly one {ch}x{cw} "
+            "chunk of the product; tiles must follow the dataset's tiling grid"
+        )
+    return r0 // ch, c0 // cw, (r0, r1, c0, c1)
+
+
+def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str) -> TileWrite:
+    """Crop, check, cast and write each tag of an xarray tile as one whole chunk, then record it."""
+    shape2d = array_shape(plan, tile)
+    _, _, (r0, r1, c0, c1) = chunk_index(plan, tile.attrs.get(cst.WINDOW), shape2d, what)
+    overlaps = tile.attrs.get(cst.OVERLAPS) or {}
+    up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
+    left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
+    geo = _geo_for_tile(tile)
+    result = TileWrite()
+    written, missing = [], []
+    crcs: list[int] = []
+    for tag in plan.tags:
+        if tag.name not in tile:
+            missing.append(tag.name)
+            crcs.append(0)
+            if not tag.optional:
+                logger.warning("%s has no tag %r: nothing saved for it", what, tag.name)
+            continue
+        values = np.asarray(tile[tag.name].values)
+        if values.ndim not in (2, 3):
+            raise TileError(
+                f"{what} tag {tag.name!r} has {values.ndim} dimensions; expected (row, col) or "
+                "(band, row, col)"
+            )
+        h, w = values.shape[-2:]
+        core = values[..., up : h - down, left : w - right]
+        if core.shape[-2:] != (r1 - r0, c1 - c0):
+            raise TileError(
+                f"{what} tag {tag.name!r} has shape {values.shape} which, minus overlaps "
+                f"(up={up}, down={down}, left={left}, right={right}), is {core.shape[-2:]} and "
+                f"disagrees with its window of {r1 - r0}x{c1 - c0}"
+            )
+        data = cast_tile(core, np.dtype(tag.dtype), tag.nodata, f"{what} tag {tag.name!r}")
+        full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
+        array = _ensure_array(plan, tag, full_shape, geo)
+        if array.ndim != data.ndim:
+            raise TileError(
+                f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
+                f"{array.ndim}"
+            )
+        if data.ndim == 2:
+            array[r0:r1, c0:c1] = data
+        else:
+            array[:, r0:r1, c0:c1] = data
+        crc = rec.checksum(data)
+        crcs.append(crc)
+        result.crcs[tag.name] = crc
+        result.nbytes += data.nbytes
+        written.append(tag.name)
+    result.tags, result.missing = tuple(written), tuple(missing)
+    _record(plan, row, col, result.nbytes, crcs)
+    return result
+
+
+def _record(plan: ProductPlan, row: int, col: int, nbytes: int, crcs: list[int]) -> None:
+    records = _cached(
+        "records", plan.location, plan.records,
+        lambda: _group(plan.location)[f"{rec.META_GROUP}/{plan.records}"],
+    )
+    rec.record_tile(records, row, col, nbytes, crcs)
+
+
+def read_window(location: Location, tag: str, window: dict) -> np.ndarray:
+    """The stored values of `tag` at a core window (all bands for 3-D tags)."""
+    array = _cached("read", location, tag, lambda: open_group(location, "r")[tag])
+    r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
+    c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
+    if array.ndim == 2:
+        return array[r0:r1, c0:c1]
+    return array[:, r0:r1, c0:c1]
+
+
+def done_tiles(location: Location, records_name: str) -> set[tuple[int, int]]:
+    """Tiles recorded as done in the product at `location`."""
+    return rec.done_tiles(location.zarr_store(read_only=True), records_name)
+
+
+def now_iso() -> str:
+    """UTC time stamp for product attributes."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,96 @@
+"""Completion records: which tiles of a product are done, stored inside the product.
+
+Records are a small Zarr array ``_zarr_orch/<name>`` of shape (tile rows, tile cols, fields)
+with one chunk per tile, so recording a tile is one atomic whole-chunk write made *after*
+the tile's data, and finding every done tile is a key listing (no read per tile). A record
+holds: done flag, unix time in ms, bytes written and one CRC32 per tag. Records, not chunk
+presence, mean "done": zarr does not store all-nodata chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+
+from zarr_orch.storage.zarr_io import list_keys
+
+logger = logging.getLogger(__name__)
+
+META_GROUP = "_zarr_orch"
+BASE_FIELDS = ("done", "time_ms", "nbytes")
+
+
+def records_name(tags: Sequence[str]) -> str:
+    """The records array name of one set of tags (stable, filesystem-safe)."""
+    digest = hashlib.sha1("\x00".join(sorted(tags)).encode()).hexdigest()[:10]
+    return f"tiles_{digest}"
+
+
+def create_records(group: zarr.Group, name: str, grid_shape: tuple[int, int], tags: Sequence[str]):
+    """Create (or open and check) the records array for `tags` on a (rows, cols) tile grid."""
+    meta = group.require_group(META_GROUP)
+    if not meta.attrs.get("description"):
+        meta.attrs["description"] = "zarr_orch bookkeeping: per-tile completion records"
+    fields = [*BASE_FIELDS, *(f"crc32:{tag}" for tag in tags)]
+    shape = (grid_shape[0], grid_shape[1], len(fields))
+    if name in meta:
+        records = meta[name]
+        if tuple(records.shape) != shape:
+            from zarr_orch.errors import ProductError
+
+            raise ProductError(
+                f"completion records {meta.path}/{name} have shape {tuple(records.shape)}, "
+                f"expected {shape}: the product was written with another tile grid or tags"
+            )
+        return records
+    return meta.create_array(
+        name,
+        shape=shape,
+        chunks=(1, 1, len(fields)),
+        dtype="uint64",
+        fill_value=0,
+        compressors=None,
+        dimension_names=["tile_row", "tile_col", "field"],
+        attributes={"tags": list(tags), "fields": fields},
+        config={"write_empty_chunks": True},
+        overwrite=False,
+    )
+
+
+def checksum(data: np.ndarray) -> int:
+    """CRC32 of an array's bytes (C order): cheap, and enough to notice damaged chunks."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
+def record_tile(records: Any, row: int, col: int, nbytes: int, crcs: Sequence[int]) -> None:
+    """Mark tile (row, col) done: one whole-chunk write, to be made after its data."""
+    value = np.array([1, int(time.time() * 1000), nbytes, *crcs], dtype="uint64")
+    records[row, col, :] = value
+
+
+def done_tiles(store: Any, name: str) -> set[tuple[int, int]]:
+    """(row, col) of every recorded tile, from one listing of the records' chunk keys."""
+    prefix = f"{META_GROUP}/{name}/c/"
+    done: set[tuple[int, int]] = set()
+    for key in list_keys(store, prefix):
+        parts = key[len(prefix):].split("/")
+        if len(parts) == 3:
+            done.add((int(parts[0]), int(parts[1])))
+    return done
+
+
+def forget_tiles(records: Any, tiles: Sequence[tuple[int, int]]) -> None:
+    """Delete the records of `tiles` so a later run recomputes them."""
+    store_path = records.store_path
+    for row, col in tiles:
+        key = f"{store_path.path}/c/{row}/{col}/0"
+        from zarr_orch.storage.zarr_io import delete_key
+
+        delete_key(store_path.store, key)
