@@ -1,0 +1,1 @@
+"""Dask modes (being written)."""
