@@ -94,6 +94,16 @@ def optional_str(name: str) -> Any:
     return check
 
 
+CODECS = ("zstd", "zstd-1", "blosc-lz4", "none")
+
+
+def check_codec(value: Any) -> str:
+    """Validator for `codec`."""
+    if value not in CODECS:
+        raise ConfigurationError(f"codec must be one of {', '.join(CODECS)}; got {value!r}")
+    return value
+
+
 COMMON_OPTIONS: dict[str, Option] = {
     "mode": Option(DEFAULT_MODE, lambda v: v, "execution mode (see the README's mode table)"),
     "task_timeout": Option(
@@ -111,6 +121,10 @@ COMMON_OPTIONS: dict[str, Option] = {
         "auto", progress_value, 'progress bar on stderr: true, false or "auto" (only on a tty)'
     ),
     "profiling": Option({}, mapping("profiling"), "accepted for CARS compatibility; unused"),
+    "codec": Option(
+        "zstd", lambda v: check_codec(v), 'chunk compression: "zstd" (zarr default), '
+        '"zstd-1", "blosc-lz4" or "none"'
+    ),
     "run_key": Option(
         None, optional_str("run_key"), "user key for what the library cannot see (code, params)"
     ),

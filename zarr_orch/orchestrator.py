@@ -309,7 +309,7 @@ class Orchestrator:
             entries = self.registries.save_entries.get(item.key)
             if not entries:
                 continue
-            plans[item.key] = build_plans(item, entries, self.out_location)
+            plans[item.key] = build_plans(item, entries, self.out_location, self._conf["codec"])
         seen: dict[str, int] = {}
         for key, key_plans in plans.items():
             for plan in key_plans:

@@ -50,7 +50,7 @@ def product_location(file_name: str, out_dir: Location) -> Location:
 
 
 def build_plans(
-    tracked: TrackedDataset, entries: list[SaveEntry], out_dir: Location
+    tracked: TrackedDataset, entries: list[SaveEntry], out_dir: Location, codec: str = "zstd"
 ) -> list[ProductPlan]:
     """One ProductPlan per product the dataset saves into (entries grouped by file name)."""
     cars_ds = tracked.cars_ds
@@ -81,6 +81,7 @@ def build_plans(
                 extent=(int(extent[0]), int(extent[1])),
                 grid_shape=(int(grid.shape[0]), int(grid.shape[1])),
                 save_by_pair=any(e.by_pair for e in group),
+                codec=codec,
             )
         )
     return plans

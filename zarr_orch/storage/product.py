@@ -59,6 +59,7 @@ class ProductPlan:
     extent: tuple[int, int]
     grid_shape: tuple[int, int]
     save_by_pair: bool = False
+    codec: str = "zstd"
     records: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -226,6 +227,21 @@ def _ensure_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: 
     return _cached("array", plan.location, tag.name, opener)
 
 
+def compressors_for(codec: str) -> Any:
+    """The zarr `compressors` argument for a conf `codec` name."""
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return "auto"
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if codec == "zstd-1":
+        return [ZstdCodec(level=1)]
+    if codec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    raise ProductError(f"unknown codec {codec!r}")
+
+
 def _create_array(
     group: zarr.Group, plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: dict
 ) -> None:
@@ -251,6 +267,7 @@ def _create_array(
             fill_value=fill_value,
             dimension_names=dims,
             attributes=attrs,
+            compressors=compressors_for(plan.codec),
             overwrite=False,
         )
     except zarr.errors.ContainsArrayError:
