@@ -421,11 +421,8 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
 
 
 def _record(plan: ProductPlan, row: int, col: int, nbytes: int, crcs: list[int]) -> None:
-    records = _cached(
-        "records", plan.location, plan.records,
-        lambda: _group(plan.location)[f"{rec.META_GROUP}/{plan.records}"],
-    )
-    rec.record_tile(records, row, col, nbytes, crcs)
+    store = _cached("store", plan.location, "", plan.location.zarr_store)
+    rec.record_tile(store, plan.records, row, col, nbytes, crcs)
 
 
 def read_window(location: Location, tag: str, window: dict) -> np.ndarray:

@@ -69,10 +69,27 @@ def checksum(data: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"))
 
 
-def record_tile(records: Any, row: int, col: int, nbytes: int, crcs: Sequence[int]) -> None:
-    """Mark tile (row, col) done: one whole-chunk write, to be made after its data."""
-    value = np.array([1, int(time.time() * 1000), nbytes, *crcs], dtype="uint64")
-    records[row, col, :] = value
+def record_key(name: str, row: int, col: int) -> str:
+    """Store key (relative to the product) of tile (row, col)'s record chunk."""
+    return f"{META_GROUP}/{name}/c/{row}/{col}/0"
+
+
+def record_bytes(nbytes: int, crcs: Sequence[int]) -> bytes:
+    """The encoded record chunk (uncompressed little-endian uint64, as the array declares)."""
+    return np.array([1, int(time.time() * 1000), nbytes, *crcs], dtype="<u8").tobytes()
+
+
+def record_tile(store: Any, name: str, row: int, col: int, nbytes: int,
+                crcs: Sequence[int]) -> None:
+    """Mark tile (row, col) done: one whole-chunk write, to be made after its data.
+
+    The chunk is encoded here and handed to the store directly: the records array has no
+    compressor, so its chunk is the raw values, and this avoids zarr's per-call indexing
+    machinery on the hot path (one record per tile).
+    """
+    from zarr_orch.storage.zarr_io import set_bytes
+
+    set_bytes(store, record_key(name, row, col), record_bytes(nbytes, crcs))
 
 
 def done_tiles(store: Any, name: str) -> set[tuple[int, int]]:
@@ -88,9 +105,8 @@ def done_tiles(store: Any, name: str) -> set[tuple[int, int]]:
 
 def forget_tiles(records: Any, tiles: Sequence[tuple[int, int]]) -> None:
     """Delete the records of `tiles` so a later run recomputes them."""
+    from zarr_orch.storage.zarr_io import delete_key
+
     store_path = records.store_path
     for row, col in tiles:
-        key = f"{store_path.path}/c/{row}/{col}/0"
-        from zarr_orch.storage.zarr_io import delete_key
-
-        delete_key(store_path.store, key)
+        delete_key(store_path.store, f"{store_path.path}/c/{row}/{col}/0")

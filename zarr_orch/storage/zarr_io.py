@@ -24,6 +24,13 @@ def delete_key(store: Any, key: str) -> None:
     sync(store.delete(key))
 
 
+def set_bytes(store: Any, key: str, data: bytes) -> None:
+    """Store raw bytes at `key` (one atomic object write)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
 def get_bytes(store: Any, key: str) -> bytes | None:
     """The raw bytes stored at `key`, or None."""
     from zarr.core.buffer import default_buffer_prototype
