@@ -76,6 +76,30 @@ def mapping(name: str) -> Any:
     return check
 
 
+def positive_number(name: str) -> Any:
+    """Validator: a number > 0."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+            raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def positive_int_or_none(name: str) -> Any:
+    """Validator: an integer >= 1, or None for the library's default."""
+
+    def check(value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigurationError(f"{name} must be an integer >= 1 or null, got {value!r}")
+        return int(value)
+
+    return check
+
+
 def progress_value(value: Any) -> bool | str:
     """Validator for `progress`: true, false or "auto" (a bar only on an interactive stderr)."""
     if value in (True, False, "auto"):
@@ -117,6 +141,21 @@ COMMON_OPTIONS: dict[str, Option] = {
     "storage_options": Option(
         {}, mapping("storage_options"), "fsspec/s3fs options for out_dir and products"
     ),
+    "storage_retries": Option(
+        6, non_negative_int("storage_retries"),
+        "times a store operation is repeated after a transient object-store error",
+    ),
+    "storage_retry_delay": Option(
+        0.25, positive_number("storage_retry_delay"),
+        "first backoff (s) before a storage retry; doubled each time, with jitter",
+    ),
+    "storage_retry_max_delay": Option(
+        8.0, positive_number("storage_retry_max_delay"), "longest backoff (s) between retries"
+    ),
+    "storage_concurrency": Option(
+        None, positive_int_or_none("storage_concurrency"),
+        "zarr async.concurrency in every process using a remote store (null: zarr's default)",
+    ),
     "progress": Option(
         "auto", progress_value, 'progress bar on stderr: true, false or "auto" (only on a tty)'
     ),
@@ -124,6 +163,16 @@ COMMON_OPTIONS: dict[str, Option] = {
     "codec": Option(
         "zstd", lambda v: check_codec(v), 'chunk compression: "zstd" (zarr default), '
         '"zstd-1", "blosc-lz4" or "none"'
+    ),
+    "resume": Option(
+        True, boolean("resume"), "skip tiles an earlier run with the same fingerprint finished"
+    ),
+    "overwrite": Option(
+        False, boolean("overwrite"), "delete and rebuild every product this run writes"
+    ),
+    "lease_timeout": Option(
+        60.0, positive_number_or_none("lease_timeout"),
+        "seconds without heartbeat after which another host's lease on out_dir is stale",
     ),
     "run_key": Option(
         None, optional_str("run_key"), "user key for what the library cannot see (code, params)"

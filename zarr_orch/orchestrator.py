@@ -25,13 +25,22 @@ from zarr_orch import constants as cst
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
-from zarr_orch.errors import ConfigurationError, TaskFailedError
+from zarr_orch.errors import ConfigurationError, ProductError, TaskFailedError
 from zarr_orch.registry.ids import IdGenerator
-from zarr_orch.registry.plan import build_plans, product_attributes
+from zarr_orch.registry.plan import build_plans, product_attributes, product_location
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import Receipt, TileSink
 from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import ProductPlan, prepare_product, read_window
+from zarr_orch.registry.fingerprint import digest as fingerprint_digest
+from zarr_orch.registry.fingerprint import fingerprint_components
+from zarr_orch.storage.lease import Lease
+from zarr_orch.storage.product import (
+    ProductPlan,
+    prepare_product,
+    product_differences,
+    read_window,
+)
+from zarr_orch.storage.retry import StorageSettings
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +128,8 @@ class Orchestrator:
             out_dir = tempfile.mkdtemp(prefix="zarr_orch_")
             self.add_to_clean(out_dir)
             logger.info("no out_dir given: using temporary directory %s (removed at exit)", out_dir)
-        self.out_location = Location.parse(out_dir, self._storage_options)
+        self.out_location = Location.parse(out_dir, self._storage_options,
+                                           settings=StorageSettings.from_conf(self._conf))
         self.out_dir = self.out_location.url
         _check_out_dir(self.out_location)
         if out_json_path is None:
@@ -133,11 +143,25 @@ class Orchestrator:
         self._started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.id_generator = IdGenerator()
         self.registries = Registries()
-        self._products: dict[str, _ProductState] = {}
-        self._saved_tags: dict[int, dict[str, str]] = {}
-        self._stats = {"breakpoints": 0, "tiles": 0, "bytes": 0, "failed": 0, "seconds": 0.0}
+        self._products: dict[tuple[str, str], _ProductState] = {}
+        self._saved_tags: dict[int, dict[str, tuple[str, str]]] = {}
+        self._prepared: set[str] = set()
+        self._failed_tiles: list[tuple[str, int, int, str]] = []
+        self._stats = {"breakpoints": 0, "tiles": 0, "resumed": 0, "bytes": 0, "failed": 0,
+                       "seconds": 0.0}
         self._closed = False
-        self.cluster: AbstractCluster = cluster_cls(self._conf, self.out_location, launch_worker)
+        self._lease: Lease | None = None
+        if launch_worker:
+            self._lease = Lease(self.out_location, self.run_id,
+                                stale_after=self._conf["lease_timeout"])
+            self._lease.acquire()
+        try:
+            self.cluster: AbstractCluster = cluster_cls(self._conf, self.out_location,
+                                                        launch_worker)
+        except BaseException:
+            if self._lease is not None:
+                self._lease.release()
+            raise
         logger.info("orchestrator %s started: mode %s, out_dir %s", self.run_id,
                     self._conf["mode"], self.out_location)
 
@@ -163,6 +187,9 @@ class Orchestrator:
         save_points_cloud_by_pair: bool = False,
     ) -> None:
         """Save `tag` of every tile of `cars_ds` into the Zarr product `file_name`."""
+        if isinstance(file_name, str | os.PathLike) and os.fspath(file_name).strip():
+            # a name climbing out of out_dir fails here, at the call that gave it
+            product_location(os.fspath(file_name), self.out_location)
         key = self.id_generator.get_id(cars_ds)
         self.registries.add_save(
             cars_ds, key, cars_ds_name, file_name, tag, dtype, nodata,
@@ -212,14 +239,18 @@ class Orchestrator:
                     "tiles_done": len(state.done),
                     "tiles_total": state.plan.grid_shape[0] * state.plan.grid_shape[1],
                 }
-                for url, state in self._products.items()
+                for (url, _records), state in self._products.items()
             },
+            "failed_tiles": [
+                {"dataset": name, "row": row, "col": col, "error": error}
+                for name, row, col, error in self._failed_tiles
+            ],
         }
 
     @property
     def products(self) -> dict[str, str]:
         """{file name as registered: product URL} of every product written so far."""
-        return {state.file_name: url for url, state in self._products.items()}
+        return {state.file_name: url for (url, _records), state in self._products.items()}
 
     # -- reading back ------------------------------------------------------------------------
     def get_data(self, tag: str, future_object: Any) -> tuple[Any, Any]:
@@ -227,11 +258,11 @@ class Orchestrator:
         attrs = getattr(future_object, "attrs", None) or {}
         info = attrs.get(cst.SAVING_INFO) or {}
         key = info.get(cst.CARS_DS_KEY)
-        url = self._saved_tags.get(key, {}).get(tag)
+        product = self._saved_tags.get(key, {}).get(tag)
         window = attrs.get(cst.WINDOW)
-        if url is None or window is None:
+        if product is None or window is None:
             return None, None
-        state = self._products[url]
+        state = self._products[product]
         tile = (info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
         if tile not in state.done:
             return None, None
@@ -242,8 +273,10 @@ class Orchestrator:
     def compute_futures(self, only_remaining_delayed: list[Any] | None = None) -> bool:
         """Compute all futures from registries: write saved tiles, replace replaced ones.
 
-        Returns True when any tile was computed. `only_remaining_delayed` restricts the run to
-        those delayed objects (CARS's second pass).
+        Tiles already recorded as done in their products (an earlier run, when `resume` is
+        on) are not submitted; replaced ones are served from the store instead. Returns True
+        when any tile was computed. `only_remaining_delayed` restricts the run to those
+        delayed objects (CARS's second pass).
         """
         if not self.launch_worker:
             logger.info("launch_worker is false: nothing is computed")
@@ -254,13 +287,20 @@ class Orchestrator:
         delayed_type = self.cluster.get_delayed_type()
         restrict = None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
         tasks, sinks, local = [], [], []
+        resumed = 0
         for item in tracked:
             keep = item.key in self.registries.replace_keys or item.cars_ds.final_function
-            worker_plans = () if item.cars_ds.final_function else tuple(plans.get(item.key, ()))
+            key_plans = tuple(plans.get(item.key, ()))
+            worker_plans = () if item.cars_ds.final_function else key_plans
+            done = self._done_for(key_plans)
             for row, line in enumerate(item.cars_ds.tiles):
                 for col, obj in enumerate(line):
                     if obj is None:
                         continue
+                    if isinstance(obj, delayed_type) and (row, col) in done:
+                        if self._resume_tile(item, key_plans, row, col):
+                            resumed += 1
+                            continue
                     sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
                                     worker_plans, bool(keep))
                     if isinstance(obj, delayed_type):
@@ -270,46 +310,85 @@ class Orchestrator:
                         sinks.append(sink)
                     elif item.key in self.registries.save_entries and is_concrete_tile(obj):
                         local.append((sink, obj))
+        if resumed:
+            logger.info("resuming: %d tile(s) already done are not recomputed", resumed)
         tiles = failed = nbytes = 0
         failures: list[tuple[TileSink, TaskError]] = []
         for sink, obj in local:  # concrete tiles (e.g. replaced earlier, now saved)
             receipt = sink(obj)
-            nbytes += self._book(receipt, plans)
+            nbytes += self._book(receipt)
             tiles += 1
         futures = self.cluster.start_tasks(tasks) if tasks else []
         sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
+        del tasks, sinks
         for outcome in self.cluster.future_iterator(futures, timeout=self._conf["task_timeout"]):
             sink = sink_of.pop(id(outcome.future))
             receipt = self._receive(outcome, sink, plans, failures)
             if receipt is None:
                 failed += 1
                 continue
-            nbytes += self._book(receipt, plans)
+            nbytes += self._book(receipt)
             tiles += 1
         del futures
         self._clear_unfinished(tracked, delayed_type)
         seconds = time.perf_counter() - start
         self._stats["breakpoints"] += 1
         self._stats["tiles"] += tiles
+        self._stats["resumed"] += resumed
         self._stats["bytes"] += nbytes
         self._stats["failed"] += failed
         self._stats["seconds"] += seconds
+        self._failed_tiles = [(s.name, s.row, s.col, str(e)) for s, e in failures]
         logger.info(
-            "breakpoint: %d tiles done, %d failed, %.1f MB written in %.2f s",
-            tiles, failed, nbytes / 1e6, seconds,
+            "breakpoint: %d tiles done, %d resumed, %d failed, %.1f MB written in %.2f s",
+            tiles, resumed, failed, nbytes / 1e6, seconds,
         )
         if failures:
             raise _failure_error(failures, tiles)
         return tiles > 0
 
+    def _done_for(self, key_plans: tuple[ProductPlan, ...]) -> set[tuple[int, int]]:
+        """Tiles done in every product of a dataset (empty when it saves nothing)."""
+        if not key_plans or not self._conf["resume"]:
+            return set()
+        sets = [self._products[(p.location.url, p.records)].done for p in key_plans]
+        return set.intersection(*sets)
+
+    def _resume_tile(
+        self, item: TrackedDataset, key_plans: tuple[ProductPlan, ...], row: int, col: int
+    ) -> bool:
+        """Skip a done tile; a replaced one is rebuilt from the store (False: recompute it)."""
+        if item.key not in self.registries.replace_keys:
+            return True
+        from zarr_orch.storage.tile_store import load_tile
+
+        for plan in key_plans:
+            state = self._products[(plan.location.url, plan.records)]
+            try:
+                tile = load_tile(plan, row, col, state.done)
+            except Exception as exc:  # a damaged description only costs a recomputation
+                logger.warning("tile (%d, %d) of %s cannot be served from %s (%s): recomputing",
+                               row, col, item.name, plan.location.url, exc)
+                tile = None
+            if tile is not None:
+                item.cars_ds.tiles[row][col] = tile
+                return True
+        return False
+
     def _prepare_products(self, tracked: list[TrackedDataset]) -> dict[int, list[ProductPlan]]:
-        """Check grids, create product groups and records, read which tiles are done."""
+        """Check grids and fingerprints, create products and records, read done tiles.
+
+        Every product is checked before any is touched, so a refused rerun changes nothing.
+        """
         plans: dict[int, list[ProductPlan]] = {}
         for item in tracked:
             entries = self.registries.save_entries.get(item.key)
             if not entries:
                 continue
-            plans[item.key] = build_plans(item, entries, self.out_location, self._conf["codec"])
+            plans[item.key] = build_plans(
+                item, entries, self.out_location, self._conf["codec"],
+                describe_tiles=item.key in self.registries.replace_keys,
+            )
         seen: dict[str, int] = {}
         for key, key_plans in plans.items():
             for plan in key_plans:
@@ -322,6 +401,7 @@ class Orchestrator:
                             f"{self.registries.datasets[key].name}); one writer per chunk: "
                             "save them to different file names or tags"
                         )
+        decisions = []
         for key, key_plans in plans.items():
             item = self.registries.datasets[key]
             for plan in key_plans:
@@ -329,12 +409,45 @@ class Orchestrator:
                     e.file_name for e in self.registries.save_entries[key]
                     if e.tag == plan.tags[0].name
                 )
-                done = prepare_product(plan, product_attributes(plan, item.cars_ds, file_name))
-                self._products[plan.location.url] = _ProductState(plan, file_name, set())
-                for tag in plan.tag_names:
-                    self._saved_tags.setdefault(key, {})[tag] = plan.location.url
-                logger.debug("%s: %d tiles already recorded", plan.location, len(done))
+                components = fingerprint_components(plan, item.cars_ds, self._conf["run_key"])
+                reset = self._decide_reset(plan, components)
+                decisions.append((key, item, plan, file_name, components, reset))
+        for key, item, plan, file_name, components, reset in decisions:
+            attributes = product_attributes(plan, item.cars_ds, file_name)
+            attributes["zarr_orch"]["fingerprints"] = {
+                plan.records: {"digest": fingerprint_digest(components), "components": components}
+            }
+            attributes["zarr_orch"]["run_id"] = self.run_id
+            done = prepare_product(plan, attributes, reset=reset)
+            self._prepared.add(plan.location.url)
+            # tiles recorded on disk (earlier breakpoints or runs) count as done, so that
+            # get_data reads them back and a rerun skips them
+            self._products[(plan.location.url, plan.records)] = _ProductState(
+                plan, file_name, set(done)
+            )
+            for tag in plan.tag_names:
+                self._saved_tags.setdefault(key, {})[tag] = (plan.location.url, plan.records)
+            logger.debug("%s: %d tiles already recorded", plan.location, len(done))
         return plans
+
+    def _decide_reset(self, plan: ProductPlan, components: dict[str, Any]) -> bool:
+        """Whether to delete an existing product first; refuse a mismatch nobody allowed."""
+        first_use = plan.location.url not in self._prepared
+        if first_use and self._conf["overwrite"]:
+            return True
+        differences = product_differences(plan, components)
+        if not differences:
+            return False
+        if first_use and not self._conf["resume"]:
+            return True
+        what = "; ".join(differences)
+        raise ProductError(
+            f"{plan.location.url} already holds {plan.dataset_name} tiles made with another "
+            f"configuration ({what}). Its finished tiles cannot be reused. To recompute it, set "
+            "resume: false (this product is rebuilt, other products in out_dir are kept) or "
+            "overwrite: true (every product of this run is deleted and rebuilt) in the "
+            "orchestrator conf, or use another out_dir"
+        )
 
     def _receive(
         self,
@@ -363,10 +476,10 @@ class Orchestrator:
                 return None
         return receipt
 
-    def _book(self, receipt: Receipt, plans: dict[int, list[ProductPlan]]) -> int:
+    def _book(self, receipt: Receipt) -> int:
         """Bookkeeping of one finished tile: done sets, replaced cell."""
-        for url in receipt.writes:
-            self._products[url].done.add((receipt.row, receipt.col))
+        for product in receipt.writes:
+            self._products[product].done.add((receipt.row, receipt.col))
         if receipt.key in self.registries.replace_keys:
             cars_ds = self.registries.datasets[receipt.key].cars_ds
             cars_ds.tiles[receipt.row][receipt.col] = receipt.tile
@@ -438,6 +551,8 @@ class Orchestrator:
         try:
             self.cluster.cleanup()
         finally:
+            if self._lease is not None:
+                self._lease.release()
             for path in self.tmp_dir_list:
                 _remove(path, self._storage_options)
 
@@ -460,8 +575,13 @@ def _failure_error(failures: list[tuple[TileSink, TaskError]], done: int) -> Tas
 
 
 def _check_out_dir(location: Location) -> None:
-    """Create a local out_dir and make sure it is a writable directory."""
+    """Create a local out_dir and make sure it is a writable directory; probe a remote one.
+
+    A remote out_dir gets a write+delete probe, so a missing bucket, denied access or an
+    unreachable endpoint fails here, with the URL in the message, before any task runs.
+    """
     if not location.is_local:
+        location.check_writable()
         return
     if os.path.exists(location.url) and not os.path.isdir(location.url):
         raise ConfigurationError(f"out_dir {location.url} exists and is not a directory")

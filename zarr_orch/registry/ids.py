@@ -6,6 +6,8 @@ import itertools
 import weakref
 from typing import Any
 
+from zarr_orch.errors import ConfigurationError
+
 
 class IdGenerator:
     """Gives each CarsDataset one id for the orchestrator's lifetime (the `cars_ds_key`).
@@ -25,9 +27,16 @@ class IdGenerator:
         ref = self._refs.get(marker)
         if ref is not None and ref() is cars_ds:
             return self._ids[marker]
+        try:
+            new_ref = weakref.ref(cars_ds, lambda _ref, m=marker: self._forget(m, _ref))
+        except TypeError:  # dicts, lists, None...: not a CarsDataset
+            raise ConfigurationError(
+                f"expected a CarsDataset, got {type(cars_ds).__name__}; create one with "
+                "zarr_orch.CarsDataset(dataset_type)"
+            ) from None
         key = next(self._counter)
         self._ids[marker] = key
-        self._refs[marker] = weakref.ref(cars_ds, lambda _ref, m=marker: self._forget(m, _ref))
+        self._refs[marker] = new_ref
         return key
 
     def _forget(self, marker: int, ref: weakref.ref[Any]) -> None:

@@ -44,13 +44,18 @@ def product_location(file_name: str, out_dir: Location) -> Location:
     if location.is_local:
         import os
 
-        return Location(os.path.join(os.path.dirname(location.url), stem + ".zarr"), {})
+        return Location(os.path.join(os.path.dirname(location.url), stem + ".zarr"), {},
+                        location.settings)
     return Location(posixpath.join(posixpath.dirname(location.url), stem + ".zarr"),
-                    location.storage_options)
+                    location.storage_options, location.settings)
 
 
 def build_plans(
-    tracked: TrackedDataset, entries: list[SaveEntry], out_dir: Location, codec: str = "zstd"
+    tracked: TrackedDataset,
+    entries: list[SaveEntry],
+    out_dir: Location,
+    codec: str = "zstd",
+    describe_tiles: bool = False,
 ) -> list[ProductPlan]:
     """One ProductPlan per product the dataset saves into (entries grouped by file name)."""
     cars_ds = tracked.cars_ds
@@ -82,6 +87,7 @@ def build_plans(
                 grid_shape=(int(grid.shape[0]), int(grid.shape[1])),
                 save_by_pair=any(e.by_pair for e in group),
                 codec=codec,
+                describe_tiles=describe_tiles and cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY,
             )
         )
     return plans

@@ -28,7 +28,7 @@ class Receipt:
     key: int
     row: int
     col: int
-    writes: dict[str, TileWrite] = field(default_factory=dict)
+    writes: dict[tuple[str, str], TileWrite] = field(default_factory=dict)
     seconds: float = 0.0
     pid: int = 0
     tile: Any = None
@@ -65,7 +65,9 @@ class TileSink:
             return receipt
         self.check_routing(tile)
         for plan in self.plans:
-            receipt.writes[plan.location.url] = write_tile(plan, tile, self.row, self.col, self.what)
+            receipt.writes[(plan.location.url, plan.records)] = write_tile(
+                plan, tile, self.row, self.col, self.what
+            )
         receipt.seconds = time.perf_counter() - start
         if self.keep_tile:
             receipt.tile = tile

@@ -60,6 +60,7 @@ class ProductPlan:
     grid_shape: tuple[int, int]
     save_by_pair: bool = False
     codec: str = "zstd"
+    describe_tiles: bool = False
     records: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -143,15 +144,42 @@ def product_info(location: Location) -> dict[str, Any] | None:
     return info
 
 
-def prepare_product(plan: ProductPlan, attributes: dict[str, Any]) -> set[tuple[int, int]]:
-    """Create the product group and its completion records (or check the existing ones).
+def product_differences(plan: ProductPlan, components: dict[str, Any]) -> list[str]:
+    """What differs between the product on disk and this plan ([] when new or identical).
 
-    Returns the tiles already recorded as done. Existing arrays whose chunks, dtype or
-    nodata differ from the plan are refused: nothing on disk is changed in that case.
+    Only reads: deciding whether a rerun may resume never modifies anything.
+    """
+    from zarr_orch.registry.fingerprint import describe_differences
+
+    info = product_info(plan.location)
+    if info is None:
+        return []
+    if info.get("kind", plan.kind) != plan.kind:
+        return [f"kind: was {info.get('kind')!r}, now {plan.kind!r}"]
+    stored = (info.get("fingerprints") or {}).get(plan.records)
+    if stored is not None:
+        return describe_differences(stored.get("components", {}), components)
+    group = open_group(plan.location, "r")
+    return _array_problems(group, plan)
+
+
+def prepare_product(
+    plan: ProductPlan, attributes: dict[str, Any], reset: bool = False
+) -> set[tuple[int, int]]:
+    """Create the product group and its completion records (or reuse the existing ones).
+
+    Returns the tiles already recorded as done. With `reset`, an existing product is
+    deleted first (the caller decided the user asked for it). Existing arrays whose chunks,
+    dtype or nodata differ from the plan are refused: nothing on disk is changed then.
     """
     if plan.kind not in KINDS:
         raise ProductError(f"unknown product kind {plan.kind!r}")
     info = product_info(plan.location)
+    if reset and info is not None:
+        logger.warning("deleting %s to recompute it from scratch", plan.location.url)
+        plan.location.rm()
+        forget_handles(plan.location)
+        info = None
     store = plan.location.zarr_store()
     if info is None:
         plan.location.makedirs()
@@ -170,33 +198,46 @@ def prepare_product(plan: ProductPlan, attributes: dict[str, Any]) -> set[tuple[
         merged = {**old, **new}
         merged["tags"] = {**old.get("tags", {}), **new.get("tags", {})}
         merged["records"] = sorted(set(old.get("records", [])) | set(new.get("records", [])))
+        merged["fingerprints"] = {**old.get("fingerprints", {}), **new.get("fingerprints", {})}
         merged["created"] = old.get("created", new.get("created"))
         group.attrs["zarr_orch"] = merged
     rec.create_records(group, plan.records, plan.grid_shape, plan.tag_names)
+    if plan.describe_tiles and plan.kind == cst.CARS_DS_TYPE_ARRAY:
+        from zarr_orch.storage.tile_store import create_tile_descriptions
+
+        create_tile_descriptions(group, plan)
     forget_handles(plan.location)
     return rec.done_tiles(store, plan.records)
 
 
 def _check_existing_arrays(group: zarr.Group, plan: ProductPlan) -> None:
+    problems = _array_problems(group, plan)
+    if problems:
+        raise ProductError(
+            f"{plan.location.url} already exists with another layout ("
+            + "; ".join(problems)
+            + "): choose another out_dir or file name, or remove the old product"
+        )
+
+
+def _array_problems(group: zarr.Group, plan: ProductPlan) -> list[str]:
+    """Differences between existing tag arrays and the plan (chunks, dtype, nodata)."""
     if plan.kind != cst.CARS_DS_TYPE_ARRAY:
-        return
+        return []
+    problems: list[str] = []
     for tag in plan.tags:
         if tag.name not in group.array_keys():
             continue
         array = group[tag.name]
-        problems = []
         if tuple(array.chunks[-2:]) != tuple(plan.chunks):
-            problems.append(f"chunks {tuple(array.chunks[-2:])} != tile size {plan.chunks}")
-        if np.dtype(array.dtype) != np.dtype(tag.dtype):
-            problems.append(f"dtype {array.dtype} != {tag.dtype}")
-        if not _same_fill(array.fill_value, tag.nodata):
-            problems.append(f"nodata {array.fill_value} != {tag.nodata}")
-        if problems:
-            raise ProductError(
-                f"{plan.location.url}/{tag.name} already exists with another layout ("
-                + "; ".join(problems)
-                + "): choose another out_dir or file name, or remove the old product"
+            problems.append(
+                f"{tag.name}: chunks {tuple(array.chunks[-2:])} != tile size {plan.chunks}"
             )
+        if np.dtype(array.dtype) != np.dtype(tag.dtype):
+            problems.append(f"{tag.name}: dtype {array.dtype} != {np.dtype(tag.dtype)}")
+        if not _same_fill(array.fill_value, tag.nodata):
+            problems.append(f"{tag.name}: nodata {array.fill_value} != {tag.nodata}")
+    return problems
 
 
 def _same_fill(stored: Any, nodata: Any) -> bool:
@@ -289,6 +330,7 @@ def _ensure_coordinates(
                     f"but this tile implies {values.shape[0]}: every tag of one product must "
                     "share the raster size; save tags of other sizes to another file name"
                 )
+            stored[...] = values  # same bytes again: heals a crash between create and write
             return
         try:
             array = group.create_array(
@@ -416,6 +458,10 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
         result.nbytes += data.nbytes
         written.append(tag.name)
     result.tags, result.missing = tuple(written), tuple(missing)
+    if plan.describe_tiles:
+        from zarr_orch.storage.tile_store import write_tile_description
+
+        write_tile_description(plan, tile, row, col)
     _record(plan, row, col, result.nbytes, crcs)
     return result
 

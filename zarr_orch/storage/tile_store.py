@@ -1,0 +1,165 @@
+"""Replaced tiles served back from the store, so a rerun resumes after a breakpoint.
+
+For datasets that come back to the main process (the replace registry), the writer also
+stores a small JSON description of each tile: its attrs, and for each variable its dims,
+dtype and a CRC32 of the whole variable *with overlaps*. On a rerun, a done tile is
+rebuilt from the product (core window plus the overlaps read from the neighbouring chunks)
+and used only if it is byte-identical to what the task returned — otherwise the tile is
+simply recomputed. Resuming never changes results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from zarr_orch import constants as cst
+from zarr_orch.storage.encoding import cast_tile
+from zarr_orch.storage.points import to_json_safe
+from zarr_orch.storage.product import ProductPlan, open_group
+from zarr_orch.storage.records import META_GROUP, checksum
+
+logger = logging.getLogger(__name__)
+
+
+def tiles_array_name(plan: ProductPlan) -> str:
+    """Name (inside the meta group) of the per-tile description array."""
+    return f"{plan.records}_tiles"
+
+
+def create_tile_descriptions(group: Any, plan: ProductPlan) -> None:
+    """Create the (rows, cols) string array holding one JSON description per tile."""
+    meta = group.require_group(META_GROUP)
+    name = tiles_array_name(plan)
+    if name in meta:
+        return
+    meta.create_array(
+        name, shape=plan.grid_shape, chunks=(1, 1), dtype=str, fill_value="",
+        dimension_names=["tile_row", "tile_col"],
+        attributes={"description": "JSON description of each replaced tile (attrs, variables)"},
+        overwrite=False,
+    )
+
+
+def describe_tile(plan: ProductPlan, tile: xr.Dataset) -> str:
+    """The JSON description of a tile: attrs and, per saved variable, what rebuilds it."""
+    variables = {}
+    for name, var in tile.data_vars.items():
+        spec = next((t for t in plan.tags if t.name == name), None)
+        entry: dict[str, Any] = {"dims": list(var.dims), "dtype": str(var.dtype)}
+        if spec is not None:
+            values = np.asarray(var.values)
+            entry["saved"] = True
+            entry["has_nan"] = bool(values.dtype.kind == "f" and np.isnan(values).any())
+            entry["has_nodata"] = bool(spec.nodata is not None and (values == spec.nodata).any())
+            try:
+                stored = cast_tile(values, np.dtype(spec.dtype), spec.nodata, name)
+                entry["crc"] = checksum(stored)
+                entry["same_dtype"] = values.dtype == np.dtype(spec.dtype)
+            except Exception:  # the writer reports cast errors; here it only means "not servable"
+                entry["crc"] = None
+        variables[name] = entry
+    coords: dict[str, Any] = {}
+    for name, coord in tile.coords.items():
+        values = np.asarray(coord.values)
+        entry = {"dims": list(coord.dims), "dtype": str(values.dtype)}
+        if values.ndim == 1 and values.dtype.kind in "iuf" and values.size:
+            step = float(values[1] - values[0]) if values.size > 1 else 1.0
+            entry.update(start=float(values[0]), step=step, size=int(values.size),
+                         crc=checksum(values))
+        else:
+            entry["crc"] = None  # not an evenly spaced axis: the tile will be recomputed
+        coords[name] = entry
+    attrs = to_json_safe(dict(tile.attrs))
+    return json.dumps({"attrs": attrs, "variables": variables, "coords": coords})
+
+
+def write_tile_description(plan: ProductPlan, tile: xr.Dataset, row: int, col: int) -> None:
+    """Store the tile's description (before its completion record)."""
+    from zarr_orch.storage.product import _cached, _group
+
+    array = _cached("tiles", plan.location, tiles_array_name(plan),
+                    lambda: _group(plan.location)[f"{META_GROUP}/{tiles_array_name(plan)}"])
+    array[row, col] = describe_tile(plan, tile)
+
+
+def load_tile(
+    plan: ProductPlan, row: int, col: int, done: set[tuple[int, int]]
+) -> xr.Dataset | None:
+    """Rebuild replaced tile (row, col) from the product, or None when it cannot be exact."""
+    group = open_group(plan.location, "r")
+    name = f"{META_GROUP}/{tiles_array_name(plan)}"
+    if name not in group:
+        return None
+    text = group[name][row, col]
+    if not text:
+        return None
+    desc = json.loads(str(text))
+    coords = _rebuild_coords(desc.get("coords") or {})
+    if coords is None:
+        return None
+    attrs = desc["attrs"]
+    window, overlaps = attrs.get(cst.WINDOW), attrs.get(cst.OVERLAPS) or {}
+    if not window:
+        return None
+    r0 = int(window[cst.ROW_MIN]) - int(overlaps.get(cst.UP, 0))
+    r1 = int(window[cst.ROW_MAX]) + int(overlaps.get(cst.DOWN, 0))
+    c0 = int(window[cst.COL_MIN]) - int(overlaps.get(cst.LEFT, 0))
+    c1 = int(window[cst.COL_MAX]) + int(overlaps.get(cst.RIGHT, 0))
+    if not _covered(plan, row, col, window, (r0, r1, c0, c1), done):
+        return None
+    data_vars = {}
+    for var_name, entry in desc["variables"].items():
+        if not entry.get("saved") or entry.get("crc") is None or not entry.get("same_dtype"):
+            return None
+        if entry.get("has_nan") and entry.get("has_nodata"):
+            return None  # NaN and nodata were merged on write: the tile cannot be rebuilt
+        spec = next(t for t in plan.tags if t.name == var_name)
+        array = group[var_name]
+        values = array[r0:r1, c0:c1] if array.ndim == 2 else array[:, r0:r1, c0:c1]
+        if checksum(values) != entry["crc"]:
+            return None  # overlaps differ from the neighbours' cores: recompute
+        if entry.get("has_nan"):
+            values = values.astype(values.dtype, copy=True)
+            values[values == spec.nodata] = np.nan
+        data_vars[var_name] = (tuple(entry["dims"]), values)
+    tile = xr.Dataset(data_vars, coords=coords)
+    tile.attrs.update(attrs)
+    return tile
+
+
+def _rebuild_coords(entries: dict[str, Any]) -> dict[str, Any] | None:
+    """Evenly spaced 1-D coordinates from their description, None unless byte-identical."""
+    coords = {}
+    for name, entry in entries.items():
+        if entry.get("crc") is None:
+            return None
+        values = (entry["start"] + entry["step"] * np.arange(entry["size"])).astype(
+            entry["dtype"]
+        )
+        if checksum(values) != entry["crc"]:
+            return None
+        coords[name] = (tuple(entry["dims"]), values)
+    return coords
+
+
+def _covered(
+    plan: ProductPlan, row: int, col: int, window: dict, box: tuple[int, int, int, int],
+    done: set[tuple[int, int]],
+) -> bool:
+    """True when every tile whose chunk the expanded window touches is recorded done."""
+    ch, cw = plan.chunks
+    off_r = int(window[cst.ROW_MIN]) // ch - row
+    off_c = int(window[cst.COL_MIN]) // cw - col
+    r0, r1, c0, c1 = box
+    if r0 < 0 or c0 < 0:
+        return False
+    for i in range(r0 // ch, (r1 - 1) // ch + 1):
+        for j in range(c0 // cw, (c1 - 1) // cw + 1):
+            if (i - off_r, j - off_c) not in done:
+                return False
+    return True
