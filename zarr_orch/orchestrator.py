@@ -26,6 +26,7 @@ from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
 from zarr_orch.errors import ConfigurationError, ProductError, TaskFailedError
+from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.ids import IdGenerator
 from zarr_orch.registry.plan import build_plans, product_attributes, product_location
 from zarr_orch.registry.registries import Registries, TrackedDataset
@@ -150,6 +151,7 @@ class Orchestrator:
         self._stats = {"breakpoints": 0, "tiles": 0, "resumed": 0, "bytes": 0, "failed": 0,
                        "seconds": 0.0}
         self._closed = False
+        self.callbacks: list[Callback] = default_callbacks(self._conf["progress"])
         self._lease: Lease | None = None
         if launch_worker:
             self._lease = Lease(self.out_location, self.run_id,
@@ -310,42 +312,66 @@ class Orchestrator:
                         sinks.append(sink)
                     elif item.key in self.registries.save_entries and is_concrete_tile(obj):
                         local.append((sink, obj))
+        names = "+".join(dict.fromkeys(item.name for item in tracked)) or "nothing"
+        summary = StageSummary(name=f"breakpoint {self._stats['breakpoints'] + 1} ({names})",
+                               total=len(tasks) + len(local), resumed=resumed)
+        self._emit("on_stage_start", summary.name, summary.total)
         if resumed:
-            logger.info("resuming: %d tile(s) already done are not recomputed", resumed)
-        tiles = failed = nbytes = 0
+            self._emit("on_tiles_resumed", resumed)
         failures: list[tuple[TileSink, TaskError]] = []
-        for sink, obj in local:  # concrete tiles (e.g. replaced earlier, now saved)
-            receipt = sink(obj)
-            nbytes += self._book(receipt)
-            tiles += 1
-        futures = self.cluster.start_tasks(tasks) if tasks else []
-        sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
-        del tasks, sinks
-        for outcome in self.cluster.future_iterator(futures, timeout=self._conf["task_timeout"]):
-            sink = sink_of.pop(id(outcome.future))
-            receipt = self._receive(outcome, sink, plans, failures)
-            if receipt is None:
-                failed += 1
-                continue
-            nbytes += self._book(receipt)
-            tiles += 1
-        del futures
-        self._clear_unfinished(tracked, delayed_type)
-        seconds = time.perf_counter() - start
-        self._stats["breakpoints"] += 1
-        self._stats["tiles"] += tiles
-        self._stats["resumed"] += resumed
-        self._stats["bytes"] += nbytes
-        self._stats["failed"] += failed
-        self._stats["seconds"] += seconds
-        self._failed_tiles = [(s.name, s.row, s.col, str(e)) for s, e in failures]
-        logger.info(
-            "breakpoint: %d tiles done, %d resumed, %d failed, %.1f MB written in %.2f s",
-            tiles, resumed, failed, nbytes / 1e6, seconds,
-        )
+        try:
+            for sink, obj in local:  # concrete tiles (e.g. replaced earlier, now saved)
+                self._done_tile(sink, sink(obj), summary)
+            futures = self.cluster.start_tasks(tasks) if tasks else []
+            sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
+            del tasks, sinks
+            timeout = self._conf["task_timeout"]
+            for outcome in self.cluster.future_iterator(futures, timeout=timeout):
+                sink = sink_of.pop(id(outcome.future))
+                if outcome.attempts > 1:
+                    summary.retried += 1
+                    self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
+                receipt = self._receive(outcome, sink, plans, failures)
+                if receipt is None:
+                    summary.failed += 1
+                    summary.failures.append(sink.what)
+                    self._emit("on_tile_failed", sink.name, sink.row, sink.col,
+                               str(failures[-1][1]))
+                    continue
+                self._done_tile(sink, receipt, summary)
+            del futures
+            self._clear_unfinished(tracked, delayed_type)
+        finally:
+            summary.seconds = time.perf_counter() - start
+            self._stats["breakpoints"] += 1
+            self._stats["tiles"] += summary.done
+            self._stats["resumed"] += resumed
+            self._stats["bytes"] += summary.nbytes
+            self._stats["failed"] += summary.failed
+            self._stats["seconds"] += summary.seconds
+            self._failed_tiles = [(s.name, s.row, s.col, str(e)) for s, e in failures]
+            self._emit("on_stage_end", summary)
         if failures:
-            raise _failure_error(failures, tiles)
-        return tiles > 0
+            raise _failure_error(failures, summary.done)
+        return summary.done > 0
+
+    def _done_tile(self, sink: TileSink, receipt: Receipt, summary: StageSummary) -> None:
+        nbytes = self._book(receipt)
+        summary.done += 1
+        summary.nbytes += nbytes
+        self._emit("on_tile_done", sink.name, sink.row, sink.col, nbytes, receipt.seconds)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        """Call `event` on every callback; a failing callback is logged, never fatal."""
+        for callback in self.callbacks:
+            try:
+                getattr(callback, event)(*args)
+            except Exception as exc:
+                logger.warning("progress callback %r failed in %s: %s", callback, event, exc)
+
+    def add_callback(self, callback: Callback) -> None:
+        """Receive breakpoint events (see `zarr_orch.progress.Callback`)."""
+        self.callbacks.append(callback)
 
     def _done_for(self, key_plans: tuple[ProductPlan, ...]) -> set[tuple[int, int]]:
         """Tiles done in every product of a dataset (empty when it saves nothing)."""
