@@ -174,6 +174,10 @@ COMMON_OPTIONS: dict[str, Option] = {
         60.0, positive_number_or_none("lease_timeout"),
         "seconds without heartbeat after which another host's lease on out_dir is stale",
     ),
+    "save_intermediate": Option(
+        False, boolean("save_intermediate"),
+        "also store replaced-only datasets in out_dir/intermediate/<name>.zarr (resumable)",
+    ),
     "run_key": Option(
         None, optional_str("run_key"), "user key for what the library cannot see (code, params)"
     ),

@@ -28,7 +28,12 @@ from zarr_orch.data.cars_dataset import is_concrete_tile
 from zarr_orch.errors import ConfigurationError, ProductError, TaskFailedError
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.ids import IdGenerator
-from zarr_orch.registry.plan import build_plans, product_attributes, product_location
+from zarr_orch.registry.plan import (
+    build_plans,
+    intermediate_plan,
+    product_attributes,
+    product_location,
+)
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import Receipt, TileSink
 from zarr_orch.storage.location import Location
@@ -407,14 +412,26 @@ class Orchestrator:
         Every product is checked before any is touched, so a refused rerun changes nothing.
         """
         plans: dict[int, list[ProductPlan]] = {}
+        file_names: dict[tuple[str, str], str] = {}
         for item in tracked:
             entries = self.registries.save_entries.get(item.key)
             if not entries:
+                if self._conf["save_intermediate"] and item.key in self.registries.replace_keys:
+                    plan = intermediate_plan(item, self.out_location, self._conf["codec"])
+                    if plan is not None:
+                        plans[item.key] = [plan]
+                        file_names[(plan.location.url, plan.records)] = (
+                            f"intermediate/{plan.location.name}"
+                        )
                 continue
             plans[item.key] = build_plans(
                 item, entries, self.out_location, self._conf["codec"],
                 describe_tiles=item.key in self.registries.replace_keys,
             )
+            for plan in plans[item.key]:
+                file_names[(plan.location.url, plan.records)] = next(
+                    e.file_name for e in entries if e.tag == plan.tags[0].name
+                )
         seen: dict[str, int] = {}
         for key, key_plans in plans.items():
             for plan in key_plans:
@@ -431,10 +448,7 @@ class Orchestrator:
         for key, key_plans in plans.items():
             item = self.registries.datasets[key]
             for plan in key_plans:
-                file_name = next(
-                    e.file_name for e in self.registries.save_entries[key]
-                    if e.tag == plan.tags[0].name
-                )
+                file_name = file_names[(plan.location.url, plan.records)]
                 components = fingerprint_components(plan, item.cars_ds, self._conf["run_key"])
                 reset = self._decide_reset(plan, components)
                 decisions.append((key, item, plan, file_name, components, reset))
@@ -451,7 +465,7 @@ class Orchestrator:
             self._products[(plan.location.url, plan.records)] = _ProductState(
                 plan, file_name, set(done)
             )
-            for tag in plan.tag_names:
+            for tag in plan.tag_names if not plan.all_variables else ():
                 self._saved_tags.setdefault(key, {})[tag] = (plan.location.url, plan.records)
             logger.debug("%s: %d tiles already recorded", plan.location, len(done))
         return plans

@@ -29,7 +29,10 @@ def fingerprint_components(plan: ProductPlan, cars_ds: Any, run_key: str | None)
     dataset_key = (getattr(cars_ds, "attributes", None) or {}).get("run_key")
     return {
         "kind": plan.kind,
-        "tags": [[t.name, str(np.dtype(t.dtype)), t.nodata] for t in plan.tags],
+        "tags": [
+            [t.name, str(np.dtype(t.dtype)) if t.dtype else "as computed", t.nodata]
+            for t in plan.tags
+        ],
         "tile_size": list(plan.chunks),
         "extent": list(plan.extent),
         "tile_grid_shape": list(plan.grid_shape),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,14 @@ from zarr_orch.data.tiling import grid_extent, regular_chunk_shape
 from zarr_orch.errors import ConfigurationError, MisalignedGridError
 from zarr_orch.registry.registries import SaveEntry, TrackedDataset
 from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import FORMAT_NAME, FORMAT_VERSION, ProductPlan, TagSpec, now_iso
+from zarr_orch.storage.product import (
+    ALL_VARIABLES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ProductPlan,
+    TagSpec,
+    now_iso,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +101,34 @@ def build_plans(
     return plans
 
 
+def intermediate_plan(
+    tracked: TrackedDataset, out_dir: Location, codec: str = "zstd"
+) -> ProductPlan | None:
+    """The plan of `out_dir/intermediate/<name>.zarr` for a replaced-only arrays dataset."""
+    cars_ds = tracked.cars_ds
+    if cars_ds.dataset_type != cst.CARS_DS_TYPE_ARRAY:
+        return None
+    grid = np.asarray(cars_ds.tiling_grid)
+    try:
+        chunks = regular_chunk_shape(grid)
+    except MisalignedGridError as exc:
+        logger.warning("%s is not stored as an intermediate product: %s", tracked.name, exc)
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tracked.name).strip("._") or f"dataset_{tracked.key}"
+    extent = grid_extent(grid)
+    return ProductPlan(
+        location=out_dir.join("intermediate", f"{safe}.zarr"),
+        kind=cars_ds.dataset_type,
+        dataset_name=tracked.name,
+        tags=(ALL_VARIABLES,),
+        chunks=(int(chunks[0]), int(chunks[1])),
+        extent=(int(extent[0]), int(extent[1])),
+        grid_shape=(int(grid.shape[0]), int(grid.shape[1])),
+        codec=codec,
+        describe_tiles=True,
+    )
+
+
 def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[str, Any]:
     """The group attributes that describe a product (JSON-safe)."""
     overlaps = np.asarray(cars_ds.overlaps) if cars_ds.overlaps is not None else None
@@ -105,7 +141,8 @@ def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[
             "dataset": plan.dataset_name,
             "file_name": file_name,
             "tags": {
-                t.name: {"dtype": str(np.dtype(t.dtype)), "nodata": t.nodata,
+                t.name: {"dtype": str(np.dtype(t.dtype)) if t.dtype else "as computed",
+                         "nodata": t.nodata,
                          "optional": t.optional}
                 for t in plan.tags
             },

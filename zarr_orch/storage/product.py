@@ -47,6 +47,10 @@ class TagSpec:
     optional: bool = False
 
 
+#: the tag of intermediate products: "every raster variable of the tile, as it is"
+ALL_VARIABLES = TagSpec("*", "", None, True)
+
+
 @dataclass(frozen=True)
 class ProductPlan:
     """Everything a writer needs to store one dataset's tiles into one product (picklable)."""
@@ -71,6 +75,32 @@ class ProductPlan:
     def tag_names(self) -> tuple[str, ...]:
         """The names of the saved tags."""
         return tuple(t.name for t in self.tags)
+
+    @property
+    def all_variables(self) -> bool:
+        """True for intermediate products, which save every raster variable of the tile."""
+        return self.tags == (ALL_VARIABLES,)
+
+    def specs_for(self, tile: Any) -> tuple[TagSpec, ...]:
+        """The tags to write for `tile` (every 2-D/3-D numeric variable for intermediates)."""
+        if not self.all_variables:
+            return self.tags
+        specs = []
+        for name, var in tile.data_vars.items():
+            if var.ndim in (2, 3) and var.dtype.kind in "biuf":
+                nodata = float("nan") if var.dtype.kind == "f" else None
+                specs.append(TagSpec(str(name), var.dtype.str, nodata, True))
+        return tuple(specs)
+
+    def spec(self, name: str, dtype: Any = None) -> TagSpec | None:
+        """The TagSpec of a saved variable, None when the product does not store it."""
+        for tag in self.tags:
+            if tag.name == name:
+                return tag
+        if self.all_variables and dtype is not None and np.dtype(dtype).kind in "biuf":
+            kind = np.dtype(dtype).kind
+            return TagSpec(name, np.dtype(dtype).str, float("nan") if kind == "f" else None, True)
+        return None
 
 
 @dataclass
@@ -225,6 +255,8 @@ def _array_problems(group: zarr.Group, plan: ProductPlan) -> list[str]:
     if plan.kind != cst.CARS_DS_TYPE_ARRAY:
         return []
     problems: list[str] = []
+    if plan.all_variables:
+        return problems
     for tag in plan.tags:
         if tag.name not in group.array_keys():
             continue
@@ -419,7 +451,7 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
     result = TileWrite()
     written, missing = [], []
     crcs: list[int] = []
-    for tag in plan.tags:
+    for tag in plan.specs_for(tile):
         if tag.name not in tile:
             missing.append(tag.name)
             crcs.append(0)
@@ -458,6 +490,8 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
         result.nbytes += data.nbytes
         written.append(tag.name)
     result.tags, result.missing = tuple(written), tuple(missing)
+    if plan.all_variables:
+        crcs = [rec.checksum(np.array(crcs, dtype="<u8"))]
     if plan.describe_tiles:
         from zarr_orch.storage.tile_store import write_tile_description
 

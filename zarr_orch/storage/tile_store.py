@@ -49,7 +49,7 @@ def describe_tile(plan: ProductPlan, tile: xr.Dataset) -> str:
     """The JSON description of a tile: attrs and, per saved variable, what rebuilds it."""
     variables = {}
     for name, var in tile.data_vars.items():
-        spec = next((t for t in plan.tags if t.name == name), None)
+        spec = plan.spec(str(name), var.dtype)
         entry: dict[str, Any] = {"dims": list(var.dims), "dtype": str(var.dtype)}
         if spec is not None:
             values = np.asarray(var.values)
@@ -118,7 +118,7 @@ def load_tile(
             return None
         if entry.get("has_nan") and entry.get("has_nodata"):
             return None  # NaN and nodata were merged on write: the tile cannot be rebuilt
-        spec = next(t for t in plan.tags if t.name == var_name)
+        spec = plan.spec(var_name, entry["dtype"])
         array = group[var_name]
         values = array[r0:r1, c0:c1] if array.ndim == 2 else array[:, r0:r1, c0:c1]
         if checksum(values) != entry["crc"]:
