@@ -152,6 +152,9 @@ class Orchestrator:
         self._products: dict[tuple[str, str], _ProductState] = {}
         self._saved_tags: dict[int, dict[str, tuple[str, str]]] = {}
         self._prepared: set[str] = set()
+        #: tiles each (product, records) had done when this run first prepared it: the only
+        #: ones resume may skip (tiles written by this run's own breakpoints are not reused)
+        self._resumable: dict[tuple[str, str], set[tuple[int, int]]] = {}
         self._failed_tiles: list[tuple[str, int, int, str]] = []
         self._stats = {"breakpoints": 0, "tiles": 0, "resumed": 0, "bytes": 0, "failed": 0,
                        "seconds": 0.0}
@@ -281,9 +284,10 @@ class Orchestrator:
         """Compute all futures from registries: write saved tiles, replace replaced ones.
 
         Tiles already recorded as done in their products (an earlier run, when `resume` is
-        on) are not submitted; replaced ones are served from the store instead. Returns True
-        when any tile was computed. `only_remaining_delayed` restricts the run to those
-        delayed objects (CARS's second pass).
+        on) are not submitted; replaced ones are rebuilt from the store once the breakpoint's
+        own tiles are written (their overlaps may come from them), and only recomputed when
+        that cannot be exact. Returns True when any tile was computed. `only_remaining_delayed`
+        restricts the run to those delayed objects (CARS's second pass).
         """
         if not self.launch_worker:
             logger.info("launch_worker is false: nothing is computed")
@@ -293,7 +297,7 @@ class Orchestrator:
         plans = self._prepare_products(tracked)
         delayed_type = self.cluster.get_delayed_type()
         restrict = None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
-        tasks, sinks, local = [], [], []
+        tasks, sinks, local, to_serve = [], [], [], []
         resumed = 0
         for item in tracked:
             keep = item.key in self.registries.replace_keys or item.cars_ds.final_function
@@ -304,15 +308,17 @@ class Orchestrator:
                 for col, obj in enumerate(line):
                     if obj is None:
                         continue
-                    if isinstance(obj, delayed_type) and (row, col) in done:
-                        if self._resume_tile(item, key_plans, row, col):
-                            resumed += 1
-                            continue
+                    is_delayed = isinstance(obj, delayed_type)
+                    if is_delayed and restrict is not None and id(obj) not in restrict:
+                        continue
+                    if is_delayed and (row, col) in done:
+                        resumed += 1
+                        if item.key in self.registries.replace_keys:
+                            to_serve.append((item, key_plans, row, col, obj))
+                        continue
                     sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
                                     worker_plans, bool(keep))
-                    if isinstance(obj, delayed_type):
-                        if restrict is not None and id(obj) not in restrict:
-                            continue
+                    if is_delayed:
                         tasks.append(self.cluster.attach_sink(obj, sink))
                         sinks.append(sink)
                     elif item.key in self.registries.save_entries and is_concrete_tile(obj):
@@ -327,24 +333,22 @@ class Orchestrator:
         try:
             for sink, obj in local:  # concrete tiles (e.g. replaced earlier, now saved)
                 self._done_tile(sink, sink(obj), summary)
-            futures = self.cluster.start_tasks(tasks) if tasks else []
-            sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
+            self._run_round(tasks, sinks, plans, summary, failures)
             del tasks, sinks
-            timeout = self._conf["task_timeout"]
-            for outcome in self.cluster.future_iterator(futures, timeout=timeout):
-                sink = sink_of.pop(id(outcome.future))
-                if outcome.attempts > 1:
-                    summary.retried += 1
-                    self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
-                receipt = self._receive(outcome, sink, plans, failures)
-                if receipt is None:
-                    summary.failed += 1
-                    summary.failures.append(sink.what)
-                    self._emit("on_tile_failed", sink.name, sink.row, sink.col,
-                               str(failures[-1][1]))
-                    continue
-                self._done_tile(sink, receipt, summary)
-            del futures
+            # done tiles of replaced datasets: rebuilt from the store now that this
+            # breakpoint's tiles (their neighbours' cores) are written; else recomputed
+            again, again_sinks = [], []
+            for item, key_plans, row, col, obj in to_serve:
+                if not self._serve_tile(item, key_plans, row, col):
+                    sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
+                                    (), True)
+                    again.append(self.cluster.attach_sink(obj, sink))
+                    again_sinks.append(sink)
+            if again:
+                logger.info("%d done tile(s) of replaced datasets could not be rebuilt "
+                            "exactly from the store: recomputing them", len(again))
+                summary.total += len(again)
+                self._run_round(again, again_sinks, plans, summary, failures)
             self._clear_unfinished(tracked, delayed_type)
         finally:
             summary.seconds = time.perf_counter() - start
@@ -359,6 +363,34 @@ class Orchestrator:
         if failures:
             raise _failure_error(failures, summary.done)
         return summary.done > 0
+
+    def _run_round(
+        self,
+        tasks: list[Any],
+        sinks: list[TileSink],
+        plans: dict[int, list[ProductPlan]],
+        summary: StageSummary,
+        failures: list[tuple[TileSink, TaskError]],
+    ) -> None:
+        """Start `tasks` and book every outcome as it completes (receipts only)."""
+        if not tasks:
+            return
+        futures = self.cluster.start_tasks(tasks)
+        sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
+        tasks.clear()
+        timeout = self._conf["task_timeout"]
+        for outcome in self.cluster.future_iterator(futures, timeout=timeout):
+            sink = sink_of.pop(id(outcome.future))
+            if outcome.attempts > 1:
+                summary.retried += 1
+                self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
+            receipt = self._receive(outcome, sink, plans, failures)
+            if receipt is None:
+                summary.failed += 1
+                summary.failures.append(sink.what)
+                self._emit("on_tile_failed", sink.name, sink.row, sink.col, str(failures[-1][1]))
+                continue
+            self._done_tile(sink, receipt, summary)
 
     def _done_tile(self, sink: TileSink, receipt: Receipt, summary: StageSummary) -> None:
         nbytes = self._book(receipt)
@@ -382,15 +414,13 @@ class Orchestrator:
         """Tiles done in every product of a dataset (empty when it saves nothing)."""
         if not key_plans or not self._conf["resume"]:
             return set()
-        sets = [self._products[(p.location.url, p.records)].done for p in key_plans]
+        sets = [self._resumable.get((p.location.url, p.records), set()) for p in key_plans]
         return set.intersection(*sets)
 
-    def _resume_tile(
+    def _serve_tile(
         self, item: TrackedDataset, key_plans: tuple[ProductPlan, ...], row: int, col: int
     ) -> bool:
-        """Skip a done tile; a replaced one is rebuilt from the store (False: recompute it)."""
-        if item.key not in self.registries.replace_keys:
-            return True
+        """Put a done replaced tile, rebuilt from the store, in its cell (False: cannot)."""
         from zarr_orch.storage.tile_store import load_tile
 
         for plan in key_plans:
@@ -398,7 +428,7 @@ class Orchestrator:
             try:
                 tile = load_tile(plan, row, col, state.done)
             except Exception as exc:  # a damaged description only costs a recomputation
-                logger.warning("tile (%d, %d) of %s cannot be served from %s (%s): recomputing",
+                logger.warning("tile (%d, %d) of %s cannot be served from %s (%s)",
                                row, col, item.name, plan.location.url, exc)
                 tile = None
             if tile is not None:
@@ -465,6 +495,10 @@ class Orchestrator:
             self._products[(plan.location.url, plan.records)] = _ProductState(
                 plan, file_name, set(done)
             )
+            # a later breakpoint re-registering this product (e.g. CARS's read-modify-write
+            # through final_function and get_data) recomputes its tiles: resume is for the
+            # tiles an earlier run finished, not those another dataset of this run wrote
+            self._resumable.setdefault((plan.location.url, plan.records), set(done))
             for tag in plan.tag_names if not plan.all_variables else ():
                 self._saved_tags.setdefault(key, {})[tag] = (plan.location.url, plan.records)
             logger.debug("%s: %d tiles already recorded", plan.location, len(done))
