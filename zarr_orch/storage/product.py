@@ -213,8 +213,8 @@ def prepare_product(
     store = plan.location.zarr_store()
     if info is None:
         plan.location.makedirs()
-        group = zarr.open_group(store, mode="a", zarr_format=3)
-        group.attrs.update(attributes)
+        # one write: a crash can never leave a group without its zarr_orch attributes
+        group = zarr.create_group(store, attributes=attributes, zarr_format=3, overwrite=False)
     else:
         group = zarr.open_group(store, mode="r+", zarr_format=3)
         if info.get("kind", plan.kind) != plan.kind:
