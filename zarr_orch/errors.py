@@ -48,3 +48,9 @@ class TaskFailedError(ZarrOrchError, RuntimeError):
         self.row = row
         self.col = col
         self.original_traceback = original_traceback
+
+
+class StorageError(ZarrOrchError, OSError):
+    """Reading or writing storage failed: a missing bucket, denied access, or an object store
+    that stayed unreachable through every retry. The message names the URL, never a credential.
+    """

@@ -55,6 +55,10 @@ _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 _RAM_CHECK_INTERVAL = 0.5
 #: idle workers dying in a row before we give up (a worker that cannot even start)
 _MAX_STARTUP_DEATHS = 10
+#: seconds a new worker may take to import its modules and say it is ready
+_STARTUP_TIMEOUT = 120.0
+#: the first message of a worker: imports done, ready to run tasks (timeouts start then)
+_READY = b""
 
 
 # -- conf validators -------------------------------------------------------------------------
@@ -202,7 +206,12 @@ def _run_job(data: bytes) -> tuple[Any, dict[int, list[Any]], dict[Any, tuple[st
     try:
         job_id, steps, wanted = pickle.loads(data)
     except BaseException as exc:  # e.g. a task function the worker cannot import
-        return None, {}, {None: ("error", _task_error(exc))}, {}
+        error = _task_error(exc)
+        error.message = (
+            f"the worker process could not load the task ({type(exc).__name__}: {exc}); task "
+            "functions and arguments must be importable by name in a fresh process"
+        )
+        return None, {}, {None: ("error", error)}, {}
     del data
     names = {step[0]: step[1] for step in steps}
     values: dict[int, list[Any]] = {}
@@ -271,6 +280,10 @@ def _worker_main(task_conn: Any, result_conn: Any, sys_path: list[str]) -> None:
 
     threading.Thread(target=read_tasks, name="zarr-orch-task-reader", daemon=True).start()
     process = psutil.Process()
+    try:
+        result_conn.send_bytes(_READY)
+    except OSError:
+        return
     while True:
         data = inbox.get()
         if data is None:
@@ -377,8 +390,10 @@ class _Worker:
         "name",
         "process",
         "ps",
+        "ready",
         "result_conn",
         "retiring",
+        "started",
         "task_conn",
     )
 
@@ -397,6 +412,8 @@ class _Worker:
         self.name = name
         self.jobs: deque[_Job] = deque()
         self.head_start = 0.0
+        self.started = time.monotonic()
+        self.ready = False
         self.assigned = 0
         self.retiring = False
         try:
@@ -731,6 +748,10 @@ class MultiprocessingCluster(AbstractCluster):
 
     # -- results ------------------------------------------------------------------------------
     def _on_message(self, worker: _Worker, data: bytes) -> None:
+        if data == _READY:
+            worker.ready = True
+            worker.head_start = time.monotonic()  # the clock of its first task starts now
+            return
         job = worker.jobs.popleft()
         self._in_flight -= 1
         now = time.monotonic()
@@ -874,7 +895,7 @@ class MultiprocessingCluster(AbstractCluster):
         if worker not in self._set.workers:
             return
         try:  # a reply may still sit in the pipe
-            while worker.jobs and worker.result_conn.poll():
+            while (worker.jobs or not worker.ready) and worker.result_conn.poll():
                 self._on_message(worker, worker.result_conn.recv_bytes())
         except (EOFError, OSError):
             pass
@@ -919,7 +940,19 @@ class MultiprocessingCluster(AbstractCluster):
         """Kill hung or over-RAM tasks; return seconds until the next check is due."""
         now = time.monotonic()
         wait: float | None = None
-        busy = [w for w in self._set.workers if w.jobs]
+        busy = [w for w in self._set.workers if w.jobs and w.ready]
+        for worker in [w for w in self._set.workers if not w.ready]:
+            deadline = worker.started + _STARTUP_TIMEOUT
+            if now >= deadline:
+                message = (
+                    f"worker process {worker.pid} did not start within {_STARTUP_TIMEOUT:g} s "
+                    "(importing the task modules?)"
+                )
+                if worker.jobs:
+                    message += f"; it was to run {worker.jobs[0].name}"
+                self._kill(worker, TaskError("TimeoutError", message, message))
+            else:
+                wait = deadline - now if wait is None else min(wait, deadline - now)
         if timeout is not None:
             for worker in busy:
                 deadline = max(self._last_completion, worker.head_start) + timeout
@@ -954,8 +987,11 @@ class MultiprocessingCluster(AbstractCluster):
 
     def _pump(self, timeout: float | None) -> None:
         """One scheduler step: wait for results or deaths, handle them, dispatch more work."""
+        done_before = len(self._completed)
         wait = self._check_stalls(timeout)
         self._dispatch()
+        if len(self._completed) > done_before:
+            return  # let the iterator yield them first
         if not self._in_flight:
             if self._ready:
                 wait = 0.05  # no worker to take them right now (restarting)
@@ -964,7 +1000,7 @@ class MultiprocessingCluster(AbstractCluster):
         by_object: dict[Any, tuple[_Worker, bool]] = {}
         for worker in self._set.workers:
             by_object[worker.process.sentinel] = (worker, False)
-            if worker.jobs:
+            if worker.jobs or not worker.ready:
                 by_object[worker.result_conn] = (worker, True)
         ready = connection.wait(list(by_object), wait)
         deaths = []
@@ -997,6 +1033,11 @@ class MultiprocessingCluster(AbstractCluster):
         """
         pending = {id(f): f for f in future_list}
         self._last_completion = time.monotonic()
+        queued = {id(f) for f in self._completed}
+        for future in list(pending.values()):  # yielded before: its value is gone
+            if future.done and id(future) not in queued:
+                del pending[id(future)]
+                yield Outcome(future, error=future.error, attempts=future.attempts)
         try:
             while pending:
                 mine = [f for f in self._completed if id(f) in pending]

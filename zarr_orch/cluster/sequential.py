@@ -53,14 +53,35 @@ class GraphRunner:
     def compute(self, root: Delayed) -> tuple[Any, TaskError | None, int]:
         """Return (value, error, attempts) of `root`, computing missing dependencies first."""
         attempts = 1
-        for node in topological_nodes([root]):
-            if node.uid in self._results or node.uid in self._errors:
-                continue
+        for node in self._missing_nodes(root):
             attempts = self._run_node(node)
         error = self._errors.get(root.node.uid)
         value = None if error else self._output(root)
         self._release(root)
         return value, error, attempts
+
+    def _missing_nodes(self, root: Delayed) -> list[TaskNode]:
+        """Nodes `root` still needs, dependencies first; the walk stops at held results.
+
+        Stopping there matters: a node whose value was already consumed and released must
+        never run again (it would release its own inputs a second time).
+        """
+        order: list[TaskNode] = []
+        seen: set[int] = set()
+        stack: list[tuple[TaskNode, bool]] = [(root.node, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            uid = node.uid
+            if uid in seen or uid in self._results or uid in self._errors:
+                continue
+            seen.add(uid)
+            stack.append((node, True))
+            for dep in reversed(node.dependencies()):
+                stack.append((dep.node, False))
+        return order
 
     def _output(self, delayed: Delayed) -> Any:
         outputs = self._results[delayed.node.uid]
