@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-tile", default=None, help="R,C,MARKER: fail while MARKER exists")
     parser.add_argument("--storage-options", default=None)
     args = parser.parse_args(argv)
-    conf: dict = {"mode": args.mode, "progress": False, "max_retries": 0}
+    conf: dict = {"mode": args.mode, "progress": False}
     if args.mode != "sequential":
         conf["nb_workers"] = args.workers
     if args.storage_options:
