@@ -219,3 +219,58 @@ def test_failed_tile_then_fixed_input_recomputes_only_that_tile(tmp_path, refere
     got = read_products(out)
     for name, want in reference.items():
         np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
+def _interrupt(proc: subprocess.Popen[str], out: Path, signum: int, at_least: int) -> tuple:
+    wait_until(lambda: len(record_files(out, "stage1.zarr")) >= at_least, proc)
+    children = workers_of(proc.pid)
+    os.kill(proc.pid, signum)
+    start_wait = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr, children, time.monotonic() - start_wait
+
+
+def test_sigint_stops_cleanly_and_rerun_resumes(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = start(out, tmp_path / "c1", "--sleep", "0.01")
+    code, stderr, children, _ = _interrupt(proc, out, signal.SIGINT, 60)
+    # Python dies of SIGINT on an uncaught KeyboardInterrupt: shells report 130
+    assert code in (130, -signal.SIGINT), stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if "interrupted by SIGINT" in line]
+    assert lines and "Run the same command again to resume" in lines[0]
+    assert_no_orphans(children)
+    check_records_have_data(out, reference)
+    assert not (out / ".zarr_orch.lease.json").exists()
+    log = next((out / "logs").glob("run-*.log")).read_text()
+    assert "interrupted by SIGINT" in log and "versions:" in log
+    run(out, tmp_path / "c2")
+    got = read_products(out)
+    for name, want in reference.items():
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
+def test_sigterm_stops_cleanly(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = start(out, tmp_path / "c1", "--sleep", "0.01")
+    code, stderr, children, _ = _interrupt(proc, out, signal.SIGTERM, 60)
+    assert code in (143, -signal.SIGTERM), stderr[-2000:]
+    assert "interrupted by SIGTERM" in stderr
+    assert_no_orphans(children)
+    check_records_have_data(out, reference)
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = start(out, tmp_path / "c1", "--sleep", "3", "--workers", "2")
+    wait_until(lambda: len(workers_of(proc.pid)) >= 3, proc)
+    time.sleep(1.0)  # both workers are inside a 3 s task
+    children = workers_of(proc.pid)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 2.5, "the second Ctrl-C did not stop at once"
+    assert "stopped at once" in stderr
+    assert_no_orphans(children)
+    check_records_have_data(out, reference)

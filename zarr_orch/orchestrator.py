@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -26,7 +27,9 @@ from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
 from zarr_orch.errors import ConfigurationError, ProductError, TaskFailedError
+from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
+from zarr_orch.runlog import RunLog
 from zarr_orch.registry.ids import IdGenerator
 from zarr_orch.registry.plan import (
     build_plans,
@@ -160,6 +163,12 @@ class Orchestrator:
                        "seconds": 0.0}
         self._closed = False
         self.callbacks: list[Callback] = default_callbacks(self._conf["progress"])
+        self._guard: InterruptGuard | None = None
+        self._interrupted = False
+        self._runlog: RunLog | None = None
+        if launch_worker:
+            self._runlog = RunLog(self.out_location, self.run_id)
+            self._runlog.header(self.run_id, self.get_conf())
         self._lease: Lease | None = None
         if launch_worker:
             self._lease = Lease(self.out_location, self.run_id,
@@ -251,6 +260,7 @@ class Orchestrator:
                 }
                 for (url, _records), state in self._products.items()
             },
+            "log_file": self._runlog.url if self._runlog is not None else None,
             "failed_tiles": [
                 {"dataset": name, "row": row, "col": col, "error": error}
                 for name, row, col, error in self._failed_tiles
@@ -330,6 +340,7 @@ class Orchestrator:
         if resumed:
             self._emit("on_tiles_resumed", resumed)
         failures: list[tuple[TileSink, TaskError]] = []
+        self._guard = InterruptGuard().__enter__()
         try:
             for sink, obj in local:  # concrete tiles (e.g. replaced earlier, now saved)
                 self._done_tile(sink, sink(obj), summary)
@@ -351,6 +362,8 @@ class Orchestrator:
                 self._run_round(again, again_sinks, plans, summary, failures)
             self._clear_unfinished(tracked, delayed_type)
         finally:
+            self._guard.__exit__(None, None, None)
+            self._guard = None
             summary.seconds = time.perf_counter() - start
             self._stats["breakpoints"] += 1
             self._stats["tiles"] += summary.done
@@ -381,6 +394,9 @@ class Orchestrator:
         timeout = self._conf["task_timeout"]
         for outcome in self.cluster.future_iterator(futures, timeout=timeout):
             sink = sink_of.pop(id(outcome.future))
+            if self._guard is not None and self._guard.triggered:
+                self._book_if_done(outcome)
+                self._stop_for_signal(summary, len(sink_of))
             if outcome.attempts > 1:
                 summary.retried += 1
                 self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
@@ -391,6 +407,25 @@ class Orchestrator:
                 self._emit("on_tile_failed", sink.name, sink.row, sink.col, str(failures[-1][1]))
                 continue
             self._done_tile(sink, receipt, summary)
+
+    def _book_if_done(self, outcome: Outcome) -> None:
+        """Book a tile that finished while we were being interrupted (it is on disk)."""
+        if outcome.ok and isinstance(outcome.value, Receipt):
+            self._book(outcome.value)
+
+    def _stop_for_signal(self, summary: StageSummary, pending: int) -> None:
+        """Stop the workers and raise Interrupted with one line saying how far we got."""
+        signum = self._guard.signum if self._guard is not None else signal.SIGINT
+        self.cluster.cleanup()  # abandons in-flight tiles: no record is ever written first
+        done_total = sum(len(state.done) for state in self._products.values())
+        message = (
+            f"interrupted by {signal.Signals(signum).name}: {summary.done}/{summary.total} "
+            f"tiles of {summary.name} computed, {done_total} tiles recorded in total; "
+            f"{pending} not started. Run the same command again to resume"
+        )
+        logger.warning(message)
+        self._interrupted = True
+        raise interrupted(message, signum)
 
     def _done_tile(self, sink: TileSink, receipt: Receipt, summary: StageSummary) -> None:
         nbytes = self._book(receipt)
@@ -534,6 +569,10 @@ class Orchestrator:
         if not outcome.ok:
             failures.append((sink, outcome.error))
             logger.error("%s failed: %s", sink.what, outcome.error)
+            logging.getLogger("zarr_orch.failures").info(
+                "%s failed after %d attempt(s); original traceback:\n%s",
+                sink.what, outcome.attempts, outcome.error.traceback,
+            )
             return None
         receipt: Receipt = outcome.value
         item = self.registries.datasets[sink.key]
@@ -583,6 +622,8 @@ class Orchestrator:
             self.reset_registries()
             if self.launch_worker:
                 self._save_metadata_quietly()
+            if self._runlog is not None:
+                self._runlog.sync()
 
     def reset_registries(self) -> None:
         """Forget every registration (ids stay unique for the orchestrator's lifetime)."""
@@ -615,6 +656,8 @@ class Orchestrator:
                 logger.info("the with-block raised: registered tasks are not started")
         finally:
             self.cleanup()
+        if signal_of(exc_value) == signal.SIGTERM:
+            _terminate_self()
         return False
 
     def cleanup(self) -> None:
@@ -627,12 +670,23 @@ class Orchestrator:
         finally:
             if self._lease is not None:
                 self._lease.release()
+            if self._runlog is not None:
+                self._runlog.close()
             for path in self.tmp_dir_list:
                 _remove(path, self._storage_options)
 
     def __repr__(self) -> str:
         return (f"Orchestrator(mode={self._conf['mode']!r}, out_dir={self.out_location!r}, "
                 f"run_id={self.run_id!r})")
+
+
+def _terminate_self() -> None:
+    """After a clean stop on SIGTERM, die of SIGTERM as the sender asked (main thread only)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _failure_error(failures: list[tuple[TileSink, TaskError]], done: int) -> TaskFailedError:
