@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -96,10 +97,34 @@ def done_tiles(store: Any, name: str) -> set[tuple[int, int]]:
     """(row, col) of every recorded tile, from one listing of the records' chunk keys."""
     prefix = f"{META_GROUP}/{name}/c/"
     done: set[tuple[int, int]] = set()
+    root = getattr(store, "root", None)
+    if root is not None and os.path.isdir(os.path.join(str(root), prefix)):
+        return _done_tiles_local(os.path.join(str(root), prefix))
     for key in list_keys(store, prefix):
         parts = key[len(prefix):].split("/")
-        if len(parts) == 3:
+        if len(parts) != 3:
+            continue
+        try:
             done.add((int(parts[0]), int(parts[1])))
+        except ValueError:  # a stray file in the product: not a record (zarr-orch verify)
+            logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix):])
+    return done
+
+
+def _done_tiles_local(base: str) -> set[tuple[int, int]]:
+    """Fast path for LocalStore: two levels of scandir instead of an async recursive walk."""
+    done: set[tuple[int, int]] = set()
+    with os.scandir(base) as rows:
+        for row_entry in rows:
+            if not row_entry.is_dir() or not row_entry.name.isdigit():
+                continue
+            row = int(row_entry.name)
+            with os.scandir(row_entry.path) as cols:
+                for col_entry in cols:
+                    if col_entry.name.isdigit() and os.path.exists(
+                        os.path.join(col_entry.path, "0")
+                    ):
+                        done.add((row, int(col_entry.name)))
     return done
 
 
