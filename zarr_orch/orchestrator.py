@@ -349,12 +349,11 @@ class Orchestrator:
             # done tiles of replaced datasets: rebuilt from the store now that this
             # breakpoint's tiles (their neighbours' cores) are written; else recomputed
             again, again_sinks = [], []
-            for item, key_plans, row, col, obj in to_serve:
-                if not self._serve_tile(item, key_plans, row, col):
-                    sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
-                                    (), True)
-                    again.append(self.cluster.attach_sink(obj, sink))
-                    again_sinks.append(sink)
+            for item, key_plans, row, col, obj in self._serve_tiles(to_serve):
+                sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
+                                (), True)
+                again.append(self.cluster.attach_sink(obj, sink))
+                again_sinks.append(sink)
             if again:
                 logger.info("%d done tile(s) of replaced datasets could not be rebuilt "
                             "exactly from the store: recomputing them", len(again))
@@ -452,24 +451,35 @@ class Orchestrator:
         sets = [self._resumable.get((p.location.url, p.records), set()) for p in key_plans]
         return set.intersection(*sets)
 
-    def _serve_tile(
-        self, item: TrackedDataset, key_plans: tuple[ProductPlan, ...], row: int, col: int
-    ) -> bool:
-        """Put a done replaced tile, rebuilt from the store, in its cell (False: cannot)."""
-        from zarr_orch.storage.tile_store import load_tile
+    def _serve_tiles(self, to_serve: list[tuple]) -> list[tuple]:
+        """Put done replaced tiles, rebuilt from the store, in their cells.
 
-        for plan in key_plans:
-            state = self._products[(plan.location.url, plan.records)]
-            try:
-                tile = load_tile(plan, row, col, state.done)
-            except Exception as exc:  # a damaged description only costs a recomputation
-                logger.warning("tile (%d, %d) of %s cannot be served from %s (%s)",
-                               row, col, item.name, plan.location.url, exc)
-                tile = None
-            if tile is not None:
-                item.cars_ds.tiles[row][col] = tile
-                return True
-        return False
+        Returns the entries that could not be rebuilt exactly (they are recomputed).
+        """
+        from zarr_orch.storage.tile_store import load_tiles
+
+        groups: dict[int, list[tuple]] = {}
+        for entry in to_serve:
+            groups.setdefault(entry[0].key, []).append(entry)
+        left: list[tuple] = []
+        for entries in groups.values():
+            item, key_plans = entries[0][0], entries[0][1]
+            pending = {(row, col): entry for entry in entries for row, col in [entry[2:4]]}
+            for plan in key_plans:
+                if not pending:
+                    break
+                state = self._products[(plan.location.url, plan.records)]
+                try:
+                    tiles = load_tiles(plan, list(pending), state.done)
+                except Exception as exc:  # a damaged description only costs recomputation
+                    logger.warning("tiles of %s cannot be served from %s (%s)",
+                                   item.name, plan.location.url, exc)
+                    tiles = {}
+                for (row, col), tile in tiles.items():
+                    item.cars_ds.tiles[row][col] = tile
+                    del pending[(row, col)]
+            left.extend(pending.values())
+        return left
 
     def _prepare_products(self, tracked: list[TrackedDataset]) -> dict[int, list[ProductPlan]]:
         """Check grids and fingerprints, create products and records, read done tiles.

@@ -87,18 +87,50 @@ def write_tile_description(plan: ProductPlan, tile: xr.Dataset, row: int, col: i
     array[row, col] = describe_tile(plan, tile)
 
 
-def load_tile(
-    plan: ProductPlan, row: int, col: int, done: set[tuple[int, int]]
-) -> xr.Dataset | None:
-    """Rebuild replaced tile (row, col) from the product, or None when it cannot be exact."""
+def load_tiles(
+    plan: ProductPlan, cells: list[tuple[int, int]], done: set[tuple[int, int]]
+) -> dict[tuple[int, int], xr.Dataset]:
+    """Rebuild replaced tiles from the product; cells that cannot be exact are left out.
+
+    Reads one band of rows per tile row (each chunk is decoded about once, not once per
+    neighbour) and checks every rebuilt variable against the CRC its task's output had.
+    """
     group = open_group(plan.location, "r")
     name = f"{META_GROUP}/{tiles_array_name(plan)}"
-    if name not in group:
-        return None
-    text = group[name][row, col]
-    if not text:
-        return None
-    desc = json.loads(str(text))
+    if name not in group or not cells:
+        return {}
+    descriptions = group[name]
+    by_row: dict[int, list[int]] = {}
+    for row, col in cells:
+        by_row.setdefault(row, []).append(col)
+    result: dict[tuple[int, int], xr.Dataset] = {}
+    arrays: dict[str, Any] = {}
+    for row, cols in sorted(by_row.items()):
+        first, last = min(cols), max(cols)
+        texts = descriptions[row, first : last + 1]
+        candidates = {}
+        for col in cols:
+            text = str(texts[col - first])
+            parsed = _parse(plan, row, col, text, done) if text else None
+            if parsed is not None:
+                candidates[col] = parsed
+        if not candidates:
+            continue
+        band_r0 = min(p["box"][0] for p in candidates.values())
+        band_r1 = max(p["box"][1] for p in candidates.values())
+        bands: dict[str, np.ndarray] = {}
+        for col, parsed in candidates.items():
+            tile = _rebuild(plan, group, arrays, bands, (band_r0, band_r1), parsed)
+            if tile is not None:
+                result[(row, col)] = tile
+    return result
+
+
+def _parse(
+    plan: ProductPlan, row: int, col: int, text: str, done: set[tuple[int, int]]
+) -> dict[str, Any] | None:
+    """Check a tile description: everything needed is stored and its neighbours are done."""
+    desc = json.loads(text)
     coords = _rebuild_coords(desc.get("coords") or {})
     if coords is None:
         return None
@@ -106,29 +138,51 @@ def load_tile(
     window, overlaps = attrs.get(cst.WINDOW), attrs.get(cst.OVERLAPS) or {}
     if not window:
         return None
-    r0 = int(window[cst.ROW_MIN]) - int(overlaps.get(cst.UP, 0))
-    r1 = int(window[cst.ROW_MAX]) + int(overlaps.get(cst.DOWN, 0))
-    c0 = int(window[cst.COL_MIN]) - int(overlaps.get(cst.LEFT, 0))
-    c1 = int(window[cst.COL_MAX]) + int(overlaps.get(cst.RIGHT, 0))
-    if not _covered(plan, row, col, window, (r0, r1, c0, c1), done):
+    box = (
+        int(window[cst.ROW_MIN]) - int(overlaps.get(cst.UP, 0)),
+        int(window[cst.ROW_MAX]) + int(overlaps.get(cst.DOWN, 0)),
+        int(window[cst.COL_MIN]) - int(overlaps.get(cst.LEFT, 0)),
+        int(window[cst.COL_MAX]) + int(overlaps.get(cst.RIGHT, 0)),
+    )
+    if not _covered(plan, row, col, window, box, done):
         return None
-    data_vars = {}
-    for var_name, entry in desc["variables"].items():
+    for entry in desc["variables"].values():
         if not entry.get("saved") or entry.get("crc") is None or not entry.get("same_dtype"):
             return None
         if entry.get("has_nan") and entry.get("has_nodata"):
             return None  # NaN and nodata were merged on write: the tile cannot be rebuilt
-        spec = plan.spec(var_name, entry["dtype"])
-        array = group[var_name]
-        values = array[r0:r1, c0:c1] if array.ndim == 2 else array[:, r0:r1, c0:c1]
+    return {"attrs": attrs, "coords": coords, "box": box, "variables": desc["variables"]}
+
+
+def _rebuild(
+    plan: ProductPlan,
+    group: Any,
+    arrays: dict[str, Any],
+    bands: dict[str, np.ndarray],
+    band_rows: tuple[int, int],
+    parsed: dict[str, Any],
+) -> xr.Dataset | None:
+    """One tile from the row band, or None when a variable's CRC does not match."""
+    r0, r1, c0, c1 = parsed["box"]
+    b0, b1 = band_rows
+    data_vars = {}
+    for var_name, entry in parsed["variables"].items():
+        if var_name not in bands:
+            if var_name not in arrays:
+                arrays[var_name] = group[var_name]
+            array = arrays[var_name]
+            bands[var_name] = array[b0:b1, :] if array.ndim == 2 else array[:, b0:b1, :]
+        band = bands[var_name]
+        values = np.ascontiguousarray(band[..., r0 - b0 : r1 - b0, c0:c1])
         if checksum(values) != entry["crc"]:
             return None  # overlaps differ from the neighbours' cores: recompute
         if entry.get("has_nan"):
-            values = values.astype(values.dtype, copy=True)
+            spec = plan.spec(var_name, entry["dtype"])
+            values = values.copy()
             values[values == spec.nodata] = np.nan
         data_vars[var_name] = (tuple(entry["dims"]), values)
-    tile = xr.Dataset(data_vars, coords=coords)
-    tile.attrs.update(attrs)
+    tile = xr.Dataset(data_vars, coords=parsed["coords"])
+    tile.attrs.update(parsed["attrs"])
     return tile
 
 
