@@ -237,7 +237,8 @@ def test_add_to_compute_lists_runs_side_effects_and_saves_nothing(conf, out_dir,
         "marker_1_0",
         "marker_1_1",
     ]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["metadata.json"]
+    # nothing saved: only the run's metadata and its log
+    assert sorted(p.name for p in out_dir.iterdir()) == ["logs", "metadata.json"]
 
 
 def test_multiple_breakpoints_and_empty_breakpoint(conf, out_dir):

@@ -1,54 +1,61 @@
-"""zarr_orch: CARS-style tiled raster orchestration that streams every tile into Zarr chunks."""
+"""zarr_orch: CARS-style tiled raster orchestration that streams every tile into Zarr chunks.
+
+Public names are imported lazily (on first attribute access), so worker processes and the
+command line only pay for what they use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from zarr_orch.data.cars_dataset import (
-    CarsDataset,
-    CarsDict,
-    fill_dataframe,
-    fill_dataset,
-    fill_dict,
-    get_attributes,
-    get_overlaps_dataset,
-    get_profile_rasterio,
-    get_window_dataset,
-)
-from zarr_orch.data.tiling import create_grid, generate_tiling_grid
-from zarr_orch.errors import (
-    ConfigurationError,
-    MisalignedGridError,
-    ProductError,
-    TaskFailedError,
-    TileError,
-    ZarrOrchError,
-)
-from zarr_orch.orchestrator import Orchestrator, flatten_object, update_saving_infos
-from zarr_orch.reading import open_product
-from zarr_orch.storage.points import read_dicts, read_points
+_EXPORTS = {
+    "CarsDataset": "zarr_orch.data.cars_dataset",
+    "CarsDict": "zarr_orch.data.cars_dataset",
+    "fill_dataframe": "zarr_orch.data.cars_dataset",
+    "fill_dataset": "zarr_orch.data.cars_dataset",
+    "fill_dict": "zarr_orch.data.cars_dataset",
+    "get_attributes": "zarr_orch.data.cars_dataset",
+    "get_overlaps_dataset": "zarr_orch.data.cars_dataset",
+    "get_profile_rasterio": "zarr_orch.data.cars_dataset",
+    "get_window_dataset": "zarr_orch.data.cars_dataset",
+    "create_grid": "zarr_orch.data.tiling",
+    "generate_tiling_grid": "zarr_orch.data.tiling",
+    "ConfigurationError": "zarr_orch.errors",
+    "MisalignedGridError": "zarr_orch.errors",
+    "ProductError": "zarr_orch.errors",
+    "TaskFailedError": "zarr_orch.errors",
+    "TileError": "zarr_orch.errors",
+    "ZarrOrchError": "zarr_orch.errors",
+    "Orchestrator": "zarr_orch.orchestrator",
+    "flatten_object": "zarr_orch.orchestrator",
+    "update_saving_infos": "zarr_orch.orchestrator",
+    "Callback": "zarr_orch.progress",
+    "open_product": "zarr_orch.reading",
+    "read_dicts": "zarr_orch.storage.points",
+    "read_points": "zarr_orch.storage.points",
+    "open_run": "zarr_orch.status",
+    "tile_status": "zarr_orch.status",
+    "status_map": "zarr_orch.status",
+    "RunInfo": "zarr_orch.status",
+    "ProductSummary": "zarr_orch.status",
+    "quicklook": "zarr_orch.quicklook",
+    "MissingDependencyError": "zarr_orch.quicklook",
+}
 
-__all__ = [
-    "CarsDataset",
-    "CarsDict",
-    "ConfigurationError",
-    "MisalignedGridError",
-    "Orchestrator",
-    "ProductError",
-    "TaskFailedError",
-    "TileError",
-    "ZarrOrchError",
-    "__version__",
-    "create_grid",
-    "fill_dataframe",
-    "fill_dataset",
-    "fill_dict",
-    "flatten_object",
-    "generate_tiling_grid",
-    "get_attributes",
-    "get_overlaps_dataset",
-    "get_profile_rasterio",
-    "get_window_dataset",
-    "open_product",
-    "read_dicts",
-    "read_points",
-    "update_saving_infos",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zarr_orch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

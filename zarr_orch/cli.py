@@ -1,6 +1,9 @@
-"""The `zarr-orch` command line: run the demo pipeline, describe products.
+"""The `zarr-orch` command line: run the demo, see how far a run got, describe and picture products.
 
-Errors are one clear line and a non-zero exit code; ``--debug`` shows tracebacks.
+Commands: ``demo`` (run the demo pipeline), ``status OUT`` (each product's done/total tiles;
+a product's tile map), ``info PRODUCT`` (arrays, shapes, dtypes, chunks, fill values,
+metadata) and ``quicklook PRODUCT -o out.png`` (a PNG with the tile status overlaid).
+Errors are one clear line on stderr and a non-zero exit code; ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -13,27 +16,92 @@ from typing import Any
 
 logger = logging.getLogger("zarr_orch.cli")
 
+#: exit code of a command that failed on its input (argparse uses 2 for usage errors)
+EXIT_ERROR = 1
+
 
 def _parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks and debug logs",
+    )
     parser = argparse.ArgumentParser(
         prog="zarr-orch",
         description="Tiled raster pipelines that stream every tile into Zarr chunks.",
+        epilog="Run 'zarr-orch COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the two-stage demo pipeline on generated data")
-    demo.add_argument("--out", default="zarr_orch_demo_out",
-                      help="output directory or fsspec URL (default: ./zarr_orch_demo_out)")
-    demo.add_argument("--mode", default=None,
-                      help="execution mode (default: the library default, multiprocessing)")
+    demo = sub.add_parser(
+        "demo",
+        parents=[debug],
+        help="run the two-stage demo pipeline on generated data",
+        description="Run the two-stage demo pipeline on generated data.",
+    )
+    demo.add_argument(
+        "--out",
+        default="zarr_orch_demo_out",
+        help="output directory or fsspec URL (default: ./zarr_orch_demo_out)",
+    )
+    demo.add_argument(
+        "--mode",
+        default=None,
+        help="execution mode (default: the library default, multiprocessing)",
+    )
     demo.add_argument("--workers", type=int, default=None, help="number of workers")
     demo.add_argument("--size", type=int, default=2048, help="raster size in pixels (square)")
     demo.add_argument("--tile", type=int, default=512, help="tile size in pixels")
 
-    info = sub.add_parser("info", help="describe a product: arrays, shapes, dtypes, chunks")
-    info.add_argument("product", help="product path or URL (a .zarr directory)")
+    status = sub.add_parser(
+        "status",
+        parents=[debug],
+        help="how far a run got: done/total tiles of each product",
+        description="List a run's products with their done/failed/total tiles and last "
+        "update (from the completion records and metadata.json). Given a product instead "
+        "of a run directory, draw its tile map (# done, . missing, X failed).",
+    )
+    status.add_argument("out", metavar="OUT", help="run output directory (or one product)")
+    status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+    info = sub.add_parser(
+        "info",
+        parents=[debug],
+        help="describe a product: arrays, shapes, dtypes, chunks",
+        description="Describe a product: its arrays (shape, dtype, chunks, fill value, "
+        "dims), its zarr_orch attributes, its tile progress and its run's metadata.",
+    )
+    info.add_argument("product", metavar="PRODUCT", help="product path or URL (a .zarr group)")
     info.add_argument("--json", action="store_true", help="print JSON")
+
+    quick = sub.add_parser(
+        "quicklook",
+        parents=[debug],
+        help="save a PNG of a product with its tile status",
+        description="Save a picture of one tag of a product, tile grid and tile status "
+        "(missing, failed) overlaid; the product is read decimated. Needs matplotlib "
+        "(pip install 'zarr-orch[plot]').",
+    )
+    quick.add_argument("product", metavar="PRODUCT", help="product path or URL (a .zarr group)")
+    quick.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.png",
+        help="image file to write (format from the suffix, e.g. .png)",
+    )
+    quick.add_argument("--tag", default=None, help="tag to show (default: the first one)")
+    quick.add_argument(
+        "--max-size",
+        type=int,
+        default=1024,
+        help="read at most this many pixels per side (default: 1024)",
+    )
+    quick.add_argument("--width", type=int, default=800, help="image width in pixels")
+    quick.add_argument("--height", type=int, default=600, help="image height in pixels")
     return parser
 
 
@@ -46,65 +114,221 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.workers is not None:
         conf["nb_workers"] = args.workers
     result = run_demo(args.out, conf or None, size=args.size, tile=args.tile)
-    print(f"demo done: {result.tiles} tiles of {result.tile}x{result.tile} px per stage, "
-          f"{result.size}x{result.size} raster")
+    print(
+        f"demo done: {result.tiles} tiles of {result.tile}x{result.tile} px per stage, "
+        f"{result.size}x{result.size} raster"
+    )
     print(f"products in {result.out_dir}:")
     for file_name, url in result.products.items():
         print(f"  {url}    (registered as {file_name})")
-    print(f"open one with: python -c \"import zarr_orch; "
-          f"print(zarr_orch.open_product('{next(iter(result.products.values()))}'))\"")
+    print(f"see how far it got with: zarr-orch status {result.out_dir}")
+    print(
+        f'open one with: python -c "import zarr_orch; '
+        f"print(zarr_orch.open_product('{next(iter(result.products.values()))}'))\""
+    )
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from zarr_orch.status import is_product, open_run, status_map, summarize_product, tile_status
+
+    if is_product(args.out):
+        summary = summarize_product(args.out)
+        if summary.error:
+            raise _CliError(summary.error)
+        status = tile_status(args.out)
+        if args.json:
+            payload = summary.to_dict()
+            payload["tiles"] = status.values.tolist()
+            print(json.dumps(payload, indent=2))
+            return 0
+        _print_products([summary])
+        print(
+            f"tile map ({status.shape[0]} rows x {status.shape[1]} cols; "
+            "# done, . missing, X failed):"
+        )
+        if status.shape[1] <= 200:
+            print(status_map(status))
+        else:
+            print("  (too wide to draw; use --json)")
+        return 0
+    run = open_run(args.out)
+    if args.json:
+        print(json.dumps(run.to_dict(), indent=2, default=str))
+        return 0
+    meta = run.run
+    print(f"run {run.out_dir}")
+    if meta:
+        stats = meta.get("stats") or {}
+        print(
+            f"  run id {meta.get('run_id')}, started {meta.get('started')}, updated "
+            f"{meta.get('updated')}, mode {(meta.get('conf') or {}).get('mode')}"
+        )
+        if stats:
+            print(
+                f"  {stats.get('tiles', 0)} tiles computed, {stats.get('failed', 0)} failed, "
+                f"{stats.get('bytes', 0) / 1e6:.1f} MB in {stats.get('seconds', 0):.1f} s "
+                f"over {stats.get('breakpoints', 0)} breakpoint(s)"
+            )
+    else:
+        print("  (no metadata.json)")
+    _print_products(run.products)
+    return 0
+
+
+def _print_products(products: list[Any]) -> None:
+    if not products:
+        print("  no products")
+        return
+    width = max(len(p.name) for p in products)
+    print(
+        f"  {'product':{width}s}  {'kind':6s}  {'done/total':>11s}  {'failed':>6s}  "
+        f"{'state':8s}  last update"
+    )
+    for p in products:
+        if p.error:
+            print(f"  {p.name:{width}s}  error: {p.error}")
+            continue
+        done = f"{p.tiles_done}/{p.tiles_total}"
+        print(
+            f"  {p.name:{width}s}  {p.kind or '?':6s}  {done:>11s}  {p.tiles_failed:>6d}  "
+            f"{p.state:8s}  {p.last_update or '-'}"
+        )
+
+
+def _json_value(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    from zarr_orch.reading import find_run_metadata, read_product_info
+    from zarr_orch.status import tile_status
     from zarr_orch.storage.location import Location
-    from zarr_orch.storage.product import open_group, product_info
+    from zarr_orch.storage.product import open_group
 
     location = Location.parse(args.product)
-    info = product_info(location)
-    if info is None:
-        raise FileNotFoundError(f"no zarr_orch product at {location.url}")
+    info = read_product_info(location)
     group = open_group(location, "r")
     arrays = {}
     for name in sorted(group.array_keys()):
         array = group[name]
+        attrs = dict(array.attrs)
         arrays[name] = {
             "shape": list(array.shape),
             "dtype": str(array.dtype),
             "chunks": list(array.chunks),
-            "fill_value": array.fill_value.item() if hasattr(array.fill_value, "item")
-            else array.fill_value,
+            "fill_value": _json_value(array.fill_value),
+            "_FillValue": attrs.get("_FillValue"),
             "dims": list(array.metadata.dimension_names or []),
         }
-    payload = {"product": location.url, "zarr_orch": info, "arrays": arrays}
+    metadata = find_run_metadata(location, info)
+    status = tile_status(location, metadata=metadata)
+    tiles = {
+        k: status.attrs[k]
+        for k in ("tiles_done", "tiles_missing", "tiles_failed", "tiles_total", "last_update")
+    }
+    run = dict((metadata or {}).get("zarr_orch") or {})
+    run_summary = (
+        {k: run.get(k) for k in ("run_id", "started", "updated", "out_dir")} if run else None
+    )
+    payload = {
+        "product": location.url,
+        "zarr_orch": info,
+        "tiles": tiles,
+        "arrays": arrays,
+        "run": run_summary,
+        "metadata": metadata,
+    }
     if args.json:
         print(json.dumps(payload, indent=2, default=str))
         return 0
-    print(f"product {location.url} ({info.get('kind')}, dataset {info.get('dataset')})")
+    print(
+        f"product {location.url} ({info.get('kind')}, dataset {info.get('dataset')}, "
+        f"format version {info.get('format_version')})"
+    )
+    size = (
+        f", tile size {tuple(info.get('tile_size') or ())}" if info.get("kind") == "arrays" else ""
+    )
+    print(
+        f"  tiles: {tiles['tiles_done']}/{tiles['tiles_total']} done, "
+        f"{tiles['tiles_failed']} failed{size}, last update {tiles['last_update'] or '-'}"
+    )
+    if run_summary:
+        print(
+            f"  run: {run_summary['run_id']} (started {run_summary['started']}, updated "
+            f"{run_summary['updated']})"
+        )
     for name, desc in arrays.items():
-        print(f"  {name:12s} {desc['dtype']:8s} shape={tuple(desc['shape'])} "
-              f"chunks={tuple(desc['chunks'])} fill={desc['fill_value']} dims={desc['dims']}")
+        print(
+            f"  {name:12s} {desc['dtype']:8s} shape={tuple(desc['shape'])} "
+            f"chunks={tuple(desc['chunks'])} fill={desc['fill_value']} dims={desc['dims']}"
+        )
+    user = {k: v for k, v in (metadata or {}).items() if k != "zarr_orch"}
+    if user:
+        print(f"  metadata: {json.dumps(user, default=str)[:200]}")
     return 0
 
 
+def _cmd_quicklook(args: argparse.Namespace) -> int:
+    from zarr_orch.quicklook import quicklook
+
+    if args.width < 50 or args.height < 50:
+        raise _CliError("--width and --height must be at least 50 pixels")
+    dpi = 100
+    quicklook(
+        args.product,
+        tag=args.tag,
+        out=args.output,
+        max_size=args.max_size,
+        figsize=(args.width / dpi, args.height / dpi),
+        dpi=dpi,
+    )
+    print(f"quicklook written to {args.output}")
+    return 0
+
+
+class _CliError(Exception):
+    """A command-line usage problem found after parsing (one line, exit code 1)."""
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "status": _cmd_status,
+    "info": _cmd_info,
+    "quicklook": _cmd_quicklook,
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (tracebacks carried in messages are cut)."""
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0]
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError) and getattr(
+        exc, "filename", None
+    ):
+        first = f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return first
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `zarr-orch` console script."""
+    """Entry point of the `zarr-orch` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
+        level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    commands = {"demo": _cmd_demo, "info": _cmd_info}
     try:
-        return commands[args.command](args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"zarr-orch {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        hint = " (run with --debug for details)" if "\n" in str(exc).strip() else ""
+        print(f"zarr-orch {args.command}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

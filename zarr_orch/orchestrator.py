@@ -158,7 +158,7 @@ class Orchestrator:
         #: tiles each (product, records) had done when this run first prepared it: the only
         #: ones resume may skip (tiles written by this run's own breakpoints are not reused)
         self._resumable: dict[tuple[str, str], set[tuple[int, int]]] = {}
-        self._failed_tiles: list[tuple[str, int, int, str]] = []
+        self._failed_tiles: dict[tuple[str, int, int], str] = {}
         self._stats = {"breakpoints": 0, "tiles": 0, "resumed": 0, "bytes": 0, "failed": 0,
                        "seconds": 0.0}
         self._closed = False
@@ -263,7 +263,7 @@ class Orchestrator:
             "log_file": self._runlog.url if self._runlog is not None else None,
             "failed_tiles": [
                 {"dataset": name, "row": row, "col": col, "error": error}
-                for name, row, col, error in self._failed_tiles
+                for (name, row, col), error in self._failed_tiles.items()
             ],
         }
 
@@ -370,7 +370,8 @@ class Orchestrator:
             self._stats["bytes"] += summary.nbytes
             self._stats["failed"] += summary.failed
             self._stats["seconds"] += summary.seconds
-            self._failed_tiles = [(s.name, s.row, s.col, str(e)) for s, e in failures]
+            for sink, error in failures:
+                self._failed_tiles[(sink.name, sink.row, sink.col)] = str(error)
             self._emit("on_stage_end", summary)
         if failures:
             raise _failure_error(failures, summary.done)
@@ -427,6 +428,7 @@ class Orchestrator:
         raise interrupted(message, signum)
 
     def _done_tile(self, sink: TileSink, receipt: Receipt, summary: StageSummary) -> None:
+        self._failed_tiles.pop((sink.name, sink.row, sink.col), None)
         nbytes = self._book(receipt)
         summary.done += 1
         summary.nbytes += nbytes
