@@ -150,8 +150,19 @@ def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[
             "tile_size": list(plan.chunks),
             "tile_grid_shape": list(plan.grid_shape),
             "extent": list(plan.extent),
+            # pixel (row, col) of tile (0, 0): tile (r, c) is chunk (r + row // tile height,
+            # c + col // tile width) of each tag (zarr_orch.storage.verify reads it)
+            "grid_origin": _grid_origin(plan, cars_ds),
             "max_overlaps": [int(v) for v in overlaps.max(axis=(0, 1))]
             if overlaps is not None and overlaps.size else [0, 0, 0, 0],
             "created": now_iso(),
         }
     }
+
+
+def _grid_origin(plan: ProductPlan, cars_ds: Any) -> list[int]:
+    """Pixel (row_min, col_min) of tile (0, 0) of an arrays dataset ([0, 0] otherwise)."""
+    if plan.kind != cst.CARS_DS_TYPE_ARRAY:
+        return [0, 0]
+    grid = np.asarray(cars_ds.tiling_grid)
+    return [int(grid[0, 0, 0]), int(grid[0, 0, 2])]
