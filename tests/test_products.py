@@ -33,6 +33,7 @@ from zarr_orch.storage.product import (
     product_info,
     read_window,
     write_arrays_tile,
+    write_record,
 )
 
 H, W, CH, CW = 50, 70, 20, 30  # 3x3 tiles, last row/col smaller
@@ -93,6 +94,13 @@ def location(tmp_path) -> Location:
     return Location.parse(tmp_path / "prod.zarr")
 
 
+
+def write_tile_and_record(plan, tile, row, col, what):
+    """What a sink + the main process do: write the tile's chunks, then its record."""
+    result = write_arrays_tile(plan, tile, row, col, what)
+    write_record(plan.location, row, col, result.record)
+    return result
+
 # -- ProductPlan / prepare_product -------------------------------------------------------------
 
 
@@ -114,7 +122,7 @@ def test_prepare_product_creates_group_and_records(location):
     assert records.shape == (3, 3, len(rec.BASE_FIELDS) + 2)
     assert records.attrs["tags"] == ["hgt", "cls"]
     # preparing again is idempotent and returns the tiles done so far
-    write_arrays_tile(plan, tile_for(1, 2), 1, 2, "tile (1, 2)")
+    write_tile_and_record(plan, tile_for(1, 2), 1, 2, "tile (1, 2)")
     assert prepare_product(plan, attributes(plan)) == {(1, 2)}
 
 
@@ -123,7 +131,7 @@ def test_write_arrays_tile_writes_exactly_one_chunk_per_tag(location):
     prepare_product(plan, attributes(plan))
     for row in range(3):
         for col in range(3):
-            result = write_arrays_tile(plan, tile_for(row, col, overlap=3), row, col, "t")
+            result = write_tile_and_record(plan, tile_for(row, col, overlap=3), row, col, "t")
             assert result.tags == ("hgt",) and result.missing == ("cls",)
             assert result.nbytes == 4 * min(CH, H - row * CH) * min(CW, W - col * CW)
             assert set(result.crcs) == {"hgt"}
@@ -142,7 +150,7 @@ def test_write_arrays_tile_writes_exactly_one_chunk_per_tag(location):
 def test_three_dimensional_tag_and_read_window(location):
     plan = make_plan(location, tags=(TagSpec("cube", "<f4", -1.0),))
     prepare_product(plan, attributes(plan))
-    write_arrays_tile(plan, tile_for(2, 1, overlap=2, bands=2), 2, 1, "t")
+    write_tile_and_record(plan, tile_for(2, 1, overlap=2, bands=2), 2, 1, "t")
     array = zarr.open_group(location.url, mode="r")["cube"]
     assert array.shape == (2, H, W) and array.chunks == (2, CH, CW)
     assert array.metadata.dimension_names == ("band", "row", "col")
@@ -167,7 +175,7 @@ def test_window_that_is_not_one_chunk_is_refused(location, window, message):
     tile = tile_for(0, 0)
     tile.attrs["window"] = window
     with pytest.raises(TileError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        write_arrays_tile(plan, tile, 0, 0, "tile (row=0, col=0) of test_ds")
+        write_tile_and_record(plan, tile, 0, 0, "tile (row=0, col=0) of test_ds")
     assert done_tiles(location, plan.records) == set()
 
 
@@ -176,13 +184,13 @@ def test_tile_shape_disagreeing_with_window_is_refused(location):
     prepare_product(plan, attributes(plan))
     tile = tile_for(0, 0).isel(col=slice(0, 29))
     with pytest.raises(TileError, match=r"tile \(row=0, col=0\).*disagrees with its window"):
-        write_arrays_tile(plan, tile, 0, 0, "tile (row=0, col=0)")
+        write_tile_and_record(plan, tile, 0, 0, "tile (row=0, col=0)")
 
 
 def test_existing_product_with_other_tile_size_is_refused_and_intact(location):
     plan = make_plan(location)
     prepare_product(plan, attributes(plan))
-    write_arrays_tile(plan, tile_for(0, 0), 0, 0, "t")
+    write_tile_and_record(plan, tile_for(0, 0), 0, 0, "t")
     before = zarr.open_group(location.url, mode="r")["hgt"][...]
     other = make_plan(location, chunks=(25, 35))
     with pytest.raises(ProductError, match=r"chunks \(20, 30\) != tile size \(25, 35\)"):
@@ -394,7 +402,7 @@ def test_product_on_memory_filesystem():
     prepare_product(plan, attributes(plan))
     for row in range(3):
         for col in range(3):
-            write_arrays_tile(plan, tile_for(row, col, overlap=1), row, col, "t")
+            write_tile_and_record(plan, tile_for(row, col, overlap=1), row, col, "t")
     assert done_tiles(location, plan.records) == {(r, c) for r in range(3) for c in range(3)}
     np.testing.assert_array_equal(
         read_window(location, "hgt", {"row_min": 20, "row_max": 40, "col_min": 30, "col_max": 60}),

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("out", metavar="OUT", help="run output directory (or one product)")
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
+    _add_verify_parser(sub, debug)
+
     info = sub.add_parser(
         "info",
         parents=[debug],
@@ -287,6 +289,44 @@ def _cmd_quicklook(args: argparse.Namespace) -> int:
     return 0
 
 
+#: exit codes of `zarr-orch verify`: clean, problems found, could not verify
+VERIFY_OK, VERIFY_PROBLEMS, VERIFY_ERROR = 0, 1, 2
+
+
+def _add_verify_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
+    verify = sub.add_parser(
+        "verify",
+        parents=[debug],
+        help="re-read every recorded tile and check it against its completion record",
+        description="Re-read every recorded tile of a run's products (or of one product) and "
+        "compare its data with the CRC32 in its completion record: reports missing, "
+        "truncated or altered chunks and malformed records. Exit code 0: all good, "
+        "1: problems found, 2: could not verify. With --repair, the records of bad tiles "
+        "are deleted so that the next run recomputes exactly those tiles.",
+    )
+    verify.add_argument("out", metavar="OUT", help="run output directory (or one product)")
+    verify.add_argument("--repair", action="store_true",
+                        help="forget the records of bad tiles (the next run recomputes them)")
+    verify.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from zarr_orch.storage.verify import verify_run
+
+    try:
+        report = verify_run(args.out, repair=args.repair)
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"zarr-orch verify: error: {_one_line(exc)}", file=sys.stderr)
+        return VERIFY_ERROR
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report)
+    return VERIFY_OK if report.ok else VERIFY_PROBLEMS
+
+
 class _CliError(Exception):
     """A command-line usage problem found after parsing (one line, exit code 1)."""
 
@@ -296,6 +336,7 @@ COMMANDS = {
     "status": _cmd_status,
     "info": _cmd_info,
     "quicklook": _cmd_quicklook,
+    "verify": _cmd_verify,
 }
 
 

@@ -164,6 +164,10 @@ COMMON_OPTIONS: dict[str, Option] = {
         "zstd", lambda v: check_codec(v), 'chunk compression: "zstd" (zarr default), '
         '"zstd-1", "blosc-lz4" or "none"'
     ),
+    "checksum": Option(
+        True, boolean("checksum"),
+        "append zarr's crc32c codec to every chunk so readers detect damaged chunks",
+    ),
     "resume": Option(
         True, boolean("resume"), "skip tiles an earlier run with the same fingerprint finished"
     ),

@@ -9,6 +9,7 @@ metadata). Names and parameters follow ``cars.orchestrator.orchestrator``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from zarr_orch import constants as cst
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
-from zarr_orch.errors import ConfigurationError, ProductError, TaskFailedError
+from zarr_orch.errors import ConfigurationError, ProductError, StorageError, TaskFailedError
 from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.runlog import RunLog
@@ -43,6 +44,7 @@ from zarr_orch.storage.location import Location
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
 from zarr_orch.storage.lease import Lease
+from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.product import (
     ProductPlan,
     prepare_product,
@@ -169,6 +171,7 @@ class Orchestrator:
         if launch_worker:
             self._runlog = RunLog(self.out_location, self.run_id)
             self._runlog.header(self.run_id, self.get_conf())
+        self._records = RecordWriter()
         self._lease: Lease | None = None
         if launch_worker:
             self._lease = Lease(self.out_location, self.run_id,
@@ -363,6 +366,7 @@ class Orchestrator:
         finally:
             self._guard.__exit__(None, None, None)
             self._guard = None
+            unrecorded = self._flush_records()
             summary.seconds = time.perf_counter() - start
             self._stats["breakpoints"] += 1
             self._stats["tiles"] += summary.done
@@ -375,7 +379,24 @@ class Orchestrator:
             self._emit("on_stage_end", summary)
         if failures:
             raise _failure_error(failures, summary.done)
+        if unrecorded:
+            url, row, col, exc = unrecorded[0]
+            raise StorageError(
+                f"{len(unrecorded)} tile(s) were written but their completion record could not "
+                f"be stored (first: tile ({row}, {col}) of {url}: {exc}); their data is on "
+                "disk, and rerunning recomputes exactly those tiles"
+            )
         return summary.done > 0
+
+    def _flush_records(self) -> list[tuple[str, int, int, BaseException]]:
+        """Wait for the background record writes; un-book the tiles whose record failed."""
+        failed = self._records.flush()
+        for url, row, col, exc in failed:
+            logger.error("could not record tile (%d, %d) of %s: %s", row, col, url, exc)
+            for (product_url, _records), state in self._products.items():
+                if product_url == url:
+                    state.done.discard((row, col))
+        return failed
 
     def _run_round(
         self,
@@ -509,6 +530,9 @@ class Orchestrator:
                 file_names[(plan.location.url, plan.records)] = next(
                     e.file_name for e in entries if e.tag == plan.tags[0].name
                 )
+        if not self._conf["checksum"]:
+            plans = {key: [dataclasses.replace(p, checksum=False) for p in key_plans]
+                     for key, key_plans in plans.items()}
         seen: dict[str, int] = {}
         for key, key_plans in plans.items():
             for plan in key_plans:
@@ -603,8 +627,11 @@ class Orchestrator:
 
     def _book(self, receipt: Receipt) -> int:
         """Bookkeeping of one finished tile: done sets, replaced cell."""
-        for product in receipt.writes:
-            self._products[product].done.add((receipt.row, receipt.col))
+        for product, write in receipt.writes.items():
+            state = self._products[product]
+            if write.record is not None:
+                self._records.submit(state.plan.location, receipt.row, receipt.col, write.record)
+            state.done.add((receipt.row, receipt.col))
         if receipt.key in self.registries.replace_keys:
             cars_ds = self.registries.datasets[receipt.key].cars_ds
             cars_ds.tiles[receipt.row][receipt.col] = receipt.tile
@@ -680,6 +707,7 @@ class Orchestrator:
         try:
             self.cluster.cleanup()
         finally:
+            self._records.close()
             if self._lease is not None:
                 self._lease.release()
             if self._runlog is not None:

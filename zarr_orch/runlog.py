@@ -41,6 +41,28 @@ def versions() -> dict[str, str]:
     }
 
 
+class _QuietFileHandler(logging.handlers.RotatingFileHandler):
+    """A full or vanished disk must neither flood stderr nor replace the run's own error."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging API)
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"zarr_orch: cannot write the run log {self.baseFilename} any "
+                             "more\n")
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.failed = True
+
+
 class RunLog:
     """Attaches a file handler to the ``zarr_orch`` logger for the lifetime of one run."""
 
@@ -55,7 +77,7 @@ class RunLog:
         else:
             self._tmp_dir = tempfile.mkdtemp(prefix="zarr_orch_log_")
             self.path = os.path.join(self._tmp_dir, self.name)
-        self.handler = logging.handlers.RotatingFileHandler(
+        self.handler = _QuietFileHandler(
             self.path, maxBytes=20 * 2**20, backupCount=3, encoding="utf-8"
         )
         self.handler.setLevel(level)
@@ -103,7 +125,10 @@ class RunLog:
         """Detach the handler, upload a remote copy, remove the local temporary file."""
         self.sync()
         self._logger.removeHandler(self.handler)
-        self.handler.close()
+        try:
+            self.handler.close()
+        except OSError:
+            pass
         if self._console is not None:
             self._logger.removeHandler(self._console)
         if self._previous_level is not None:

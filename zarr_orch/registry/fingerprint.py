@@ -39,6 +39,7 @@ def fingerprint_components(plan: ProductPlan, cars_ds: Any, run_key: str | None)
         "tiling_grid": _array_digest(cars_ds.tiling_grid),
         "overlaps": _array_digest(cars_ds.overlaps),
         "codec": plan.codec,
+        "checksum": plan.checksum,
         "save_by_pair": plan.save_by_pair,
         "run_key": run_key,
         "dataset_run_key": dataset_key,

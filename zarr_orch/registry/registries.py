@@ -15,6 +15,7 @@ import numpy as np
 from zarr_orch import constants as cst
 from zarr_orch.errors import ConfigurationError
 from zarr_orch.storage.encoding import check_nodata, normalize_dtype
+from zarr_orch.storage.location import RESERVED_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class Registries:
             )
         if tag in (cst.ROW, cst.COL, cst.BAND, "x", "y", "spatial_ref"):
             raise ConfigurationError(f"tag {tag!r} is reserved for coordinates; rename it")
+        if tag in RESERVED_NAMES:
+            raise ConfigurationError(
+                f"tag {tag!r} is a reserved Zarr name (it would overwrite the product's own "
+                "metadata); rename it"
+            )
         if not isinstance(file_name, str | bytes) and not hasattr(file_name, "__fspath__"):
             raise ConfigurationError(f"file_name must be a path or URL, got {file_name!r}")
         file_name = str(file_name)

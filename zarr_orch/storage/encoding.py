@@ -81,7 +81,7 @@ def cast_tile(data: np.ndarray, dtype: np.dtype, nodata: Any, what: str) -> np.n
             nan = np.isnan(data)
             if nan.any():
                 data = np.where(nan, dtype.type(nodata), data)
-        return np.ascontiguousarray(data)
+        return _canonical_nan(np.ascontiguousarray(data), nodata)
     if dtype.kind in "iu" and data.dtype.kind == "f":
         nan = np.isnan(data)
         if np.isinf(data).any():
@@ -108,7 +108,26 @@ def cast_tile(data: np.ndarray, dtype: np.dtype, nodata: Any, what: str) -> np.n
         nan = np.isnan(result)
         if nan.any():
             result[nan] = nodata
-    return result
+    return _canonical_nan(result, nodata)
+
+
+def _canonical_nan(data: np.ndarray, nodata: Any) -> np.ndarray:
+    """`data` with every NaN of a float tile as the canonical NaN (a copy only if needed).
+
+    When NaN is the fill value (nodata NaN or None), zarr stores no chunk for an all-NaN tile
+    (any NaN equals a NaN fill) and reads it back as the canonical NaN; a tile holding x86's
+    negative NaN (what 0/0 or inf-inf give) would then no longer match its recorded CRC.
+    """
+    if data.dtype.kind != "f" or (nodata is not None and not math.isnan(nodata)):
+        return data
+    nan = np.isnan(data)
+    if not nan.any():
+        return data
+    bits = data.view(f"u{data.dtype.itemsize}")
+    canonical = np.array(np.nan, dtype=data.dtype).view(bits.dtype)
+    if (bits[nan] == canonical).all():
+        return data
+    return np.where(nan, data.dtype.type(np.nan), data)
 
 
 @cache

@@ -95,7 +95,7 @@ def write_points_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
     else:
         nbytes, crcs = _write_frame(tile_group, tile, what)
     result = TileWrite(tags=plan.tag_names, nbytes=nbytes)
-    _record(plan, row, col, nbytes, [crcs[0] if crcs else 0] * len(plan.tags))
+    result.record = _record(plan, nbytes, [crcs[0] if crcs else 0] * len(plan.tags))
     return result
 
 
@@ -133,8 +133,8 @@ def write_dict_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str)
     tile_group = group.create_group(tile_group_name(row, col), overwrite=True)
     tile_group.attrs.update({"data": payload, "attrs": attrs_payload})
     nbytes = len(json.dumps(payload))
-    _record(plan, row, col, nbytes, [0] * len(plan.tags))
-    return TileWrite(tags=plan.tag_names, nbytes=nbytes)
+    return TileWrite(tags=plan.tag_names, nbytes=nbytes,
+                     record=_record(plan, nbytes, [0] * len(plan.tags)))
 
 
 def _done_sorted(location: Location) -> tuple[zarr.Group, list[tuple[int, int]]]:

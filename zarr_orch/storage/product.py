@@ -9,6 +9,7 @@ writes the first tile (the main process or a worker) with deterministic metadata
 from __future__ import annotations
 
 import logging
+from functools import cache
 import os
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class ProductPlan:
     grid_shape: tuple[int, int]
     save_by_pair: bool = False
     codec: str = "zstd"
+    checksum: bool = True
     describe_tiles: bool = False
     records: str = field(default="")
 
@@ -111,6 +113,8 @@ class TileWrite:
     missing: tuple[str, ...] = ()
     nbytes: int = 0
     crcs: dict[str, int] = field(default_factory=dict)
+    #: the completion record to write once the data is on disk: (records name, chunk bytes)
+    record: tuple[str, bytes] | None = None
 
 
 # -- store handles (cached per process: workers reopen from the URL) ------------------------------
@@ -246,19 +250,29 @@ def _check_existing_arrays(group: zarr.Group, plan: ProductPlan) -> None:
         raise ProductError(
             f"{plan.location.url} already exists with another layout ("
             + "; ".join(problems)
-            + "): choose another out_dir or file name, or remove the old product"
+            + "): choose another out_dir or file name, set overwrite: true, or remove the old "
+            "product"
         )
 
 
 def _array_problems(group: zarr.Group, plan: ProductPlan) -> list[str]:
-    """Differences between existing tag arrays and the plan (chunks, dtype, nodata)."""
+    """Differences between existing tag arrays and the plan (chunks, dtype, nodata, shape).
+
+    Also catches a product edited by hand: metadata that no longer parses, and a tag whose
+    shape disagrees with the raster size its ``row``/``col`` coordinates were written with.
+    """
     if plan.kind != cst.CARS_DS_TYPE_ARRAY:
         return []
     problems: list[str] = []
     if plan.all_variables:
         return problems
+    try:
+        names = set(group.array_keys())
+        size = _raster_size(group, names)
+    except Exception as exc:  # garbled zarr.json of a member: refuse, do not guess
+        return [f"its array metadata cannot be read ({type(exc).__name__}: {exc})"]
     for tag in plan.tags:
-        if tag.name not in group.array_keys():
+        if tag.name not in names:
             continue
         array = group[tag.name]
         if tuple(array.chunks[-2:]) != tuple(plan.chunks):
@@ -269,7 +283,19 @@ def _array_problems(group: zarr.Group, plan: ProductPlan) -> list[str]:
             problems.append(f"{tag.name}: dtype {array.dtype} != {np.dtype(tag.dtype)}")
         if not _same_fill(array.fill_value, tag.nodata):
             problems.append(f"{tag.name}: nodata {array.fill_value} != {tag.nodata}")
+        if size is not None and tuple(array.shape[-2:]) != size:
+            problems.append(
+                f"{tag.name}: shape {tuple(array.shape)} does not match the {size[0]}x{size[1]} "
+                "raster of its row/col coordinates"
+            )
     return problems
+
+
+def _raster_size(group: zarr.Group, names: set[str]) -> tuple[int, int] | None:
+    """(height, width) from the ``row``/``col`` coordinates, None before the first tile."""
+    if cst.ROW not in names or cst.COL not in names:
+        return None
+    return int(group[cst.ROW].shape[0]), int(group[cst.COL].shape[0])
 
 
 def _same_fill(stored: Any, nodata: Any) -> bool:
@@ -300,19 +326,46 @@ def _ensure_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: 
     return _cached("array", plan.location, tag.name, opener)
 
 
-def compressors_for(codec: str) -> Any:
-    """The zarr `compressors` argument for a conf `codec` name."""
-    if codec == "none":
-        return None
-    if codec == "zstd":
-        return "auto"
+def compressors_for(codec: str, checksum: bool = False) -> Any:
+    """The zarr `compressors` argument for a conf `codec` name (+ a CRC32C checksum).
+
+    The checksum codec makes every reader (xarray, zarr, notebooks) fail loudly on a damaged
+    chunk instead of decoding wrong values (zstd as zarr configures it has no checksum).
+    """
     from zarr.codecs import BloscCodec, ZstdCodec
 
-    if codec == "zstd-1":
-        return [ZstdCodec(level=1)]
-    if codec == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-    raise ProductError(f"unknown codec {codec!r}")
+    chain: list[Any]
+    if codec == "none":
+        chain = []
+    elif codec == "zstd":
+        chain = [ZstdCodec(level=0, checksum=False)]  # zarr's default for numeric data
+    elif codec == "zstd-1":
+        chain = [ZstdCodec(level=1)]
+    elif codec == "blosc-lz4":
+        chain = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    else:
+        raise ProductError(f"unknown codec {codec!r}")
+    if checksum and crc32c_available():
+        from zarr.codecs import Crc32cCodec
+
+        chain.append(Crc32cCodec())
+    return chain or None
+
+
+@cache
+def crc32c_available() -> bool:
+    """Whether zarr's Crc32cCodec works here (it is broken in zarr 3.1.3)."""
+    try:
+        import zarr.storage as storage
+        from zarr.codecs import Crc32cCodec
+
+        array = zarr.create_array(storage.MemoryStore(), shape=(2,), chunks=(2,), dtype="u1",
+                                  compressors=[Crc32cCodec()])
+        array[:] = 1
+        return bool((array[:] == 1).all())
+    except Exception as exc:  # an import or codec error: products are written without it
+        logger.warning("zarr's crc32c codec is unavailable (%s): chunks carry no checksum", exc)
+        return False
 
 
 def _create_array(
@@ -340,7 +393,7 @@ def _create_array(
             fill_value=fill_value,
             dimension_names=dims,
             attributes=attrs,
-            compressors=compressors_for(plan.codec),
+            compressors=compressors_for(plan.codec, plan.checksum),
             overwrite=False,
         )
     except zarr.errors.ContainsArrayError:
@@ -496,13 +549,25 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
         from zarr_orch.storage.tile_store import write_tile_description
 
         write_tile_description(plan, tile, row, col)
-    _record(plan, row, col, result.nbytes, crcs)
+    result.record = _record(plan, result.nbytes, crcs)
     return result
 
 
-def _record(plan: ProductPlan, row: int, col: int, nbytes: int, crcs: list[int]) -> None:
-    store = _cached("store", plan.location, "", plan.location.zarr_store)
-    rec.record_tile(store, plan.records, row, col, nbytes, crcs)
+def _record(plan: ProductPlan, nbytes: int, crcs: list[int]) -> tuple[str, bytes]:
+    """The completion record of a tile whose data is written (the main process stores it).
+
+    Recording is bookkeeping: the receipt carries these few bytes back and the main process
+    writes them in the background, so a worker pays one object write per tile, not two.
+    """
+    return plan.records, rec.record_bytes(nbytes, crcs)
+
+
+def write_record(location: Location, row: int, col: int, record: tuple[str, bytes]) -> None:
+    """Store a tile's completion record (after its data: the caller guarantees the order)."""
+    from zarr_orch.storage.zarr_io import set_bytes
+
+    store = _cached("store", location, "", location.zarr_store)
+    set_bytes(store, rec.record_key(record[0], row, col), record[1])
 
 
 def read_window(location: Location, tag: str, window: dict) -> np.ndarray:

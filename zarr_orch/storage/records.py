@@ -135,3 +135,52 @@ def forget_tiles(records: Any, tiles: Sequence[tuple[int, int]]) -> None:
     store_path = records.store_path
     for row, col in tiles:
         delete_key(store_path.store, f"{store_path.path}/c/{row}/{col}/0")
+
+
+class RecordWriter:
+    """Writes completion records in the background, in the main process.
+
+    Receipts arrive only after a tile's data is written, so recording them here keeps the
+    order "chunk first, record after" while the record's latency (one small object write,
+    ~10 ms on S3) overlaps with the workers' next tiles. `flush` waits for every record and
+    returns the tiles whose record could not be written (their data stays; a rerun redoes
+    them).
+    """
+
+    def __init__(self, max_workers: int = 8) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="zarr_orch-records")
+        self._pending: list[tuple[Any, str, int, int]] = []
+        self._failed: list[tuple[str, int, int, BaseException]] = []
+
+    def submit(self, location: Any, row: int, col: int, record: tuple[str, bytes]) -> None:
+        """Queue one record write."""
+        from zarr_orch.storage.product import write_record
+
+        future = self._pool.submit(write_record, location, row, col, record)
+        self._pending.append((future, location.url, row, col))
+        if len(self._pending) >= 4096:
+            self._collect(wait=False)
+
+    def _collect(self, wait: bool) -> None:
+        keep = []
+        for future, url, row, col in self._pending:
+            if not wait and not future.done():
+                keep.append((future, url, row, col))
+                continue
+            exc = future.exception()
+            if exc is not None:
+                self._failed.append((url, row, col, exc))
+        self._pending = keep
+
+    def flush(self) -> list[tuple[str, int, int, BaseException]]:
+        """Wait for every queued record; return (and forget) the failed ones."""
+        self._collect(wait=True)
+        failed, self._failed = self._failed, []
+        return failed
+
+    def close(self) -> None:
+        """Flush and stop the threads."""
+        self.flush()
+        self._pool.shutdown(wait=True)
