@@ -18,6 +18,7 @@ multiprocessing, whose main-process peak RSS must stay <= 300 MiB.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import shutil
@@ -34,12 +35,12 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import tiles  # noqa: E402
+import tiles
 
-import zarr_orch  # noqa: E402
-from zarr_orch import CarsDataset, Orchestrator  # noqa: E402
-from zarr_orch.cluster.base import AbstractCluster  # noqa: E402
-from zarr_orch.data.tiling import window_array_to_dict  # noqa: E402
+import zarr_orch
+from zarr_orch import CarsDataset, Orchestrator
+from zarr_orch.cluster.base import AbstractCluster
+from zarr_orch.data.tiling import window_array_to_dict
 
 
 class PeakRSS:
@@ -92,8 +93,11 @@ def case_zarr_orch(mode: str, size: int, tile: int, codec: str, out: str) -> Cal
         rows, cols = ds.shape
         for r in range(rows):
             for c in range(cols):
-                ds[r, c] = task(window_array_to_dict(ds.tiling_grid[r, c]),
-                                zarr_orch.update_saving_infos(info, row=r, col=c), (size, size))
+                ds[r, c] = task(
+                    window_array_to_dict(ds.tiling_grid[r, c]),
+                    zarr_orch.update_saving_infos(info, row=r, col=c),
+                    (size, size),
+                )
         orch.breakpoint()
 
     run.close = lambda: orch.__exit__(None, None, None)  # type: ignore[attr-defined]
@@ -108,16 +112,22 @@ def case_dask(scheduler: str, size: int, tile: int, codec: str, out: str) -> Cal
     if scheduler == "distributed":
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
         client = Client(cluster)
 
     def run() -> None:
         import zarr
 
-        arr = zarr.create_array(os.path.join(out, "mean.zarr"), shape=(size, size),
-                                chunks=(tile, tile), dtype="float32",
-                                compressors=compressors(codec), overwrite=True)
+        arr = zarr.create_array(
+            os.path.join(out, "mean.zarr"),
+            shape=(size, size),
+            chunks=(tile, tile),
+            dtype="float32",
+            compressors=compressors(codec),
+            overwrite=True,
+        )
         src = da.empty((size, size), chunks=(tile, tile), dtype="float32")
         result = src.map_blocks(tiles.block_tile, shape=(size, size), dtype="float32")
         if client is None:
@@ -142,19 +152,23 @@ def case_xarray_region(size: int, tile: int, codec: str, out: str) -> Callable[[
 
     def run() -> None:
         path = os.path.join(out, "mean.zarr")
-        template = xr.Dataset({"mean": (("row", "col"), da.zeros((size, size),
-                                                                  chunks=(tile, tile),
-                                                                  dtype="float32"))})
+        template = xr.Dataset(
+            {"mean": (("row", "col"), da.zeros((size, size), chunks=(tile, tile), dtype="float32"))}
+        )
         encoding = {"mean": {"chunks": (tile, tile), "compressors": compressors(codec)}}
-        template.to_zarr(path, compute=False, mode="w", zarr_format=3, consolidated=False,
-                         encoding=encoding)
+        template.to_zarr(
+            path, compute=False, mode="w", zarr_format=3, consolidated=False, encoding=encoding
+        )
         for r0 in range(0, size, tile):
             for c0 in range(0, size, tile):
                 r1, c1 = min(r0 + tile, size), min(c0 + tile, size)
                 values = tiles.mean_tile(r0, r1, c0, c1, size, size)
                 xr.Dataset({"mean": (("row", "col"), values)}).to_zarr(
-                    path, region={"row": slice(r0, r1), "col": slice(c0, c1)},
-                    zarr_format=3, consolidated=False)
+                    path,
+                    region={"row": slice(r0, r1), "col": slice(c0, c1)},
+                    zarr_format=3,
+                    consolidated=False,
+                )
 
     run.close = lambda: None  # type: ignore[attr-defined]
     return run
@@ -164,9 +178,14 @@ def case_zarr_loop(size: int, tile: int, codec: str, out: str) -> Callable[[], N
     import zarr
 
     def run() -> None:
-        arr = zarr.create_array(os.path.join(out, "mean.zarr"), shape=(size, size),
-                                chunks=(tile, tile), dtype="float32",
-                                compressors=compressors(codec), overwrite=True)
+        arr = zarr.create_array(
+            os.path.join(out, "mean.zarr"),
+            shape=(size, size),
+            chunks=(tile, tile),
+            dtype="float32",
+            compressors=compressors(codec),
+            overwrite=True,
+        )
         for r0 in range(0, size, tile):
             for c0 in range(0, size, tile):
                 r1, c1 = min(r0 + tile, size), min(c0 + tile, size)
@@ -195,8 +214,15 @@ def check(out: str, size: int, tile: int) -> None:
         np.testing.assert_array_equal(arr[r0 : r0 + tile, c0 : c0 + tile], expected)
 
 
-def measure(name: str, factory: Callable[[str], Callable[[], None]], size: int, tile: int,
-            repeat: int, workers: int, compute_s: float) -> dict[str, Any]:
+def measure(
+    name: str,
+    factory: Callable[[str], Callable[[], None]],
+    size: int,
+    tile: int,
+    repeat: int,
+    workers: int,
+    compute_s: float,
+) -> dict[str, Any]:
     walls, rss = [], []
     for _ in range(repeat):
         out = tempfile.mkdtemp(prefix="zo_bench_", dir=os.environ.get("BENCH_DIR"))
@@ -216,8 +242,12 @@ def measure(name: str, factory: Callable[[str], Callable[[], None]], size: int, 
     wall = statistics.median(walls)
     ntiles = ((size + tile - 1) // tile) ** 2
     return {
-        "case": name, "wall": wall, "min": min(walls), "max": max(walls),
-        "mbs": size * size * 4 / 1e6 / wall, "ms_tile": wall / ntiles * 1e3,
+        "case": name,
+        "wall": wall,
+        "min": min(walls),
+        "max": max(walls),
+        "mbs": size * size * 4 / 1e6 / wall,
+        "ms_tile": wall / ntiles * 1e3,
         "ovh": max(0.0, wall - compute_s / workers) / ntiles * 1e3,
         "rss": statistics.median(rss),
     }
@@ -234,51 +264,67 @@ def main() -> None:
     args = parser.parse_args()
     modes = AbstractCluster.modes()
     size = args.size
-    print(f"# zarr_orch {zarr_orch.__version__}, {os.cpu_count()} cores, size {size}, "
-          f"repeat {args.repeat} (median)")
+    print(
+        f"# zarr_orch {zarr_orch.__version__}, {os.cpu_count()} cores, size {size}, "
+        f"repeat {args.repeat} (median)"
+    )
     for tile in args.tiles:
         compute_s = statistics.median(serial_compute_seconds(size, tile) for _ in range(2))
         for codec in args.codecs:
+            bind = functools.partial
             cases: list[tuple[str, int, Callable[[str], Callable[[], None]]]] = [
-                ("zarr-loop", 1, lambda o: case_zarr_loop(size, tile, codec, o)),
-                ("xarray-region", 1, lambda o: case_xarray_region(size, tile, codec, o)),
-                ("dask-threads", 2, lambda o: case_dask("threads", size, tile, codec, o)),
-                ("dask-distributed", 2,
-                 lambda o: case_dask("distributed", size, tile, codec, o)),
-                ("zo-sequential", 1, lambda o: case_zarr_orch("sequential", size, tile, codec, o)),
+                ("zarr-loop", 1, bind(case_zarr_loop, size, tile, codec)),
+                ("xarray-region", 1, bind(case_xarray_region, size, tile, codec)),
+                ("dask-threads", 2, bind(case_dask, "threads", size, tile, codec)),
+                ("dask-distributed", 2, bind(case_dask, "distributed", size, tile, codec)),
+                ("zo-sequential", 1, bind(case_zarr_orch, "sequential", size, tile, codec)),
             ]
             for mode in ("multiprocessing", "local_dask"):
                 if mode in modes:
-                    cases.append((f"zo-{mode}", 2,
-                                  lambda o, m=mode: case_zarr_orch(m, size, tile, codec, o)))
+                    cases.append((f"zo-{mode}", 2, bind(case_zarr_orch, mode, size, tile, codec)))
             results = []
             for name, workers, factory in cases:
                 if name in args.skip:
                     continue
-                results.append(measure(name, factory, size, tile, args.repeat, workers,
-                                       compute_s))
+                results.append(measure(name, factory, size, tile, args.repeat, workers, compute_s))
             base = {r["case"]: r["mbs"] for r in results}
-            print(f"\n## tile {tile}, codec {codec}, {((size + tile - 1) // tile) ** 2} tiles, "
-                  f"serial compute {compute_s:.2f} s")
-            print("| case | wall s (min-max) | MB/s | ms/tile | ovh ms/tile | peak dRSS MiB "
-                  "| x dask-threads | x zarr-loop |")
+            print(
+                f"\n## tile {tile}, codec {codec}, {((size + tile - 1) // tile) ** 2} tiles, "
+                f"serial compute {compute_s:.2f} s"
+            )
+            print(
+                "| case | wall s (min-max) | MB/s | ms/tile | ovh ms/tile | peak dRSS MiB "
+                "| x dask-threads | x zarr-loop |"
+            )
             print("|---|---|---|---|---|---|---|---|")
             for r in results:
                 ratio_dask = r["mbs"] / base["dask-threads"] if "dask-threads" in base else 0
                 ratio_loop = r["mbs"] / base["zarr-loop"] if "zarr-loop" in base else 0
-                print(f"| {r['case']} | {r['wall']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | "
-                      f"{r['mbs']:.0f} | {r['ms_tile']:.2f} | {r['ovh']:.2f} | {r['rss']:.0f} | "
-                      f"{ratio_dask:.2f} | {ratio_loop:.2f} |")
+                print(
+                    f"| {r['case']} | {r['wall']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | "
+                    f"{r['mbs']:.0f} | {r['ms_tile']:.2f} | {r['ovh']:.2f} | {r['rss']:.0f} | "
+                    f"{ratio_dask:.2f} | {ratio_loop:.2f} |"
+                )
             sys.stdout.flush()
     if args.big and "multiprocessing" in modes:
         big = 32768
-        result = measure("zo-multiprocessing 4 GiB", lambda o: case_zarr_orch(
-            "multiprocessing", big, 1024, "zstd", o), big, 1024, 1, 2,
-            serial_compute_seconds(4096, 1024) * 64)
-        print(f"\n## memory: 4 GiB saved-only raster ({big}^2 float32, tile 1024, zstd, "
-              f"multiprocessing, 2 workers)")
-        print(f"wall {result['wall']:.1f} s, {result['mbs']:.0f} MB/s, main-process peak dRSS "
-              f"{result['rss']:.0f} MiB (target <= 300 MiB)")
+        result = measure(
+            "zo-multiprocessing 4 GiB",
+            lambda o: case_zarr_orch("multiprocessing", big, 1024, "zstd", o),
+            big,
+            1024,
+            1,
+            2,
+            serial_compute_seconds(4096, 1024) * 64,
+        )
+        print(
+            f"\n## memory: 4 GiB saved-only raster ({big}^2 float32, tile 1024, zstd, "
+            f"multiprocessing, 2 workers)"
+        )
+        print(
+            f"wall {result['wall']:.1f} s, {result['mbs']:.0f} MB/s, main-process peak dRSS "
+            f"{result['rss']:.0f} MiB (target <= 300 MiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -49,13 +49,17 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
     first, rerun = statistics.median(firsts), statistics.median(reruns)
     tiles = (args.size // args.tile) ** 2
-    print(f"# demo pipeline {args.size}^2, tile {args.tile} ({tiles} tiles per stage), "
-          f"{args.mode}, median of {args.repeat}")
+    print(
+        f"# demo pipeline {args.size}^2, tile {args.tile} ({tiles} tiles per stage), "
+        f"{args.mode}, median of {args.repeat}"
+    )
     print("| run | seconds (min-max) | tiles computed | ratio to first run |")
     print("|---|---|---|---|")
     print(f"| first run | {first:.2f} ({min(firsts):.2f}-{max(firsts):.2f}) | {2 * tiles} | 1.00 |")
-    print(f"| rerun of the finished job | {rerun:.2f} ({min(reruns):.2f}-{max(reruns):.2f}) "
-          f"| {max(computed)} | {rerun / first:.3f} |")
+    print(
+        f"| rerun of the finished job | {rerun:.2f} ({min(reruns):.2f}-{max(reruns):.2f}) "
+        f"| {max(computed)} | {rerun / first:.3f} |"
+    )
 
 
 if __name__ == "__main__":

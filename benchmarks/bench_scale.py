@@ -27,11 +27,11 @@ import xarray as xr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_parallel import PeakRSS  # noqa: E402
+from bench_parallel import PeakRSS
 
-import zarr_orch  # noqa: E402
-from zarr_orch import CarsDataset, Orchestrator, fill_dataset  # noqa: E402
-from zarr_orch.data.tiling import window_array_to_dict  # noqa: E402
+import zarr_orch
+from zarr_orch import CarsDataset, Orchestrator, fill_dataset
+from zarr_orch.data.tiling import window_array_to_dict
 
 
 def tiny_tile(window: dict, saving_info: dict) -> xr.Dataset:
@@ -45,8 +45,12 @@ def ramp_tile(window: dict, saving_info: dict) -> xr.Dataset:
     rows = np.arange(window["row_min"], window["row_max"], dtype="float32")[:, None]
     cols = np.arange(window["col_min"], window["col_max"], dtype="float32")[None, :]
     ds = xr.Dataset({"v": (("row", "col"), rows + cols)})
-    return fill_dataset(ds, saving_info=saving_info, window=window,
-                        overlaps={"up": 0, "down": 0, "left": 0, "right": 0})
+    return fill_dataset(
+        ds,
+        saving_info=saving_info,
+        window=window,
+        overlaps={"up": 0, "down": 0, "left": 0, "right": 0},
+    )
 
 
 def build(orch: Orchestrator, n: int, tile: int, func: Any, save: bool) -> tuple[float, Any]:
@@ -63,8 +67,9 @@ def build(orch: Orchestrator, n: int, tile: int, func: Any, save: bool) -> tuple
     grid = ds.tiling_grid
     for r in range(n):
         for c in range(n):
-            ds[r, c] = task(window_array_to_dict(grid[r, c]),
-                            zarr_orch.update_saving_infos(info, row=r, col=c))
+            ds[r, c] = task(
+                window_array_to_dict(grid[r, c]), zarr_orch.update_saving_infos(info, row=r, col=c)
+            )
     return time.perf_counter() - start, ds
 
 
@@ -79,13 +84,22 @@ def zarr_loop(out: str, n: int, tile: int) -> float:
     """The same chunks written by a plain zarr loop (no orchestration, no records)."""
     import zarr
 
-    arr = zarr.create_array(os.path.join(out, "loop.zarr"), shape=(n * tile, n * tile),
-                            chunks=(tile, tile), dtype="float32", fill_value=-9999)
+    arr = zarr.create_array(
+        os.path.join(out, "loop.zarr"),
+        shape=(n * tile, n * tile),
+        chunks=(tile, tile),
+        dtype="float32",
+        fill_value=-9999,
+    )
     start = time.perf_counter()
     for r in range(n):
         for c in range(n):
-            w = {"row_min": r * tile, "row_max": (r + 1) * tile, "col_min": c * tile,
-                 "col_max": (c + 1) * tile}
+            w = {
+                "row_min": r * tile,
+                "row_max": (r + 1) * tile,
+                "col_min": c * tile,
+                "col_max": (c + 1) * tile,
+            }
             arr[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = ramp_tile(w, {})["v"].values
     return time.perf_counter() - start
 
@@ -100,14 +114,23 @@ def main() -> None:
     n, tile = args.tiles, args.tile
     ntiles = n * n
     base = tempfile.mkdtemp(prefix="zo_scale_", dir=os.environ.get("BENCH_DIR"))
-    print(f"# {ntiles} tiles of {tile}x{tile} px ({n * tile} px raster), "
-          f"zarr_orch {zarr_orch.__version__}, {os.cpu_count()} cores")
+    print(
+        f"# {ntiles} tiles of {tile}x{tile} px ({n * tile} px raster), "
+        f"zarr_orch {zarr_orch.__version__}, {os.cpu_count()} cores"
+    )
     rows = []
     try:
         if not args.skip_loop:
             loop_s = zarr_loop(base, n, tile)
-            rows.append(("plain zarr loop (write only)", "-", f"{loop_s:.1f}",
-                         f"{loop_s / ntiles * 1e3:.3f}", "-"))
+            rows.append(
+                (
+                    "plain zarr loop (write only)",
+                    "-",
+                    f"{loop_s:.1f}",
+                    f"{loop_s / ntiles * 1e3:.3f}",
+                    "-",
+                )
+            )
         for mode in args.modes:
             # orchestration only
             with Orchestrator(conf_for(mode), out_dir=os.path.join(base, f"o-{mode}")) as orch:
@@ -116,33 +139,61 @@ def main() -> None:
                     start = time.perf_counter()
                     orch.breakpoint()
                     bp_s = time.perf_counter() - start
-            rows.append((f"{mode}: register", "-", f"{reg_s:.1f}", f"{reg_s / ntiles * 1e3:.3f}",
-                         "-"))
-            rows.append((f"{mode}: compute-only breakpoint", "-", f"{bp_s:.1f}",
-                         f"{bp_s / ntiles * 1e3:.3f}", f"{peak.delta_mib:.0f}"))
+            rows.append(
+                (f"{mode}: register", "-", f"{reg_s:.1f}", f"{reg_s / ntiles * 1e3:.3f}", "-")
+            )
+            rows.append(
+                (
+                    f"{mode}: compute-only breakpoint",
+                    "-",
+                    f"{bp_s:.1f}",
+                    f"{bp_s / ntiles * 1e3:.3f}",
+                    f"{peak.delta_mib:.0f}",
+                )
+            )
             # saved run and its resumed rerun
             out = os.path.join(base, f"s-{mode}")
-            with Orchestrator(conf_for(mode), out_dir=out) as orch:
-                with PeakRSS() as peak:
-                    start = time.perf_counter()
-                    _, ds = build(orch, n, tile, ramp_tile, save=True)
-                    orch.breakpoint()
-                    run_s = time.perf_counter() - start
-            rows.append((f"{mode}: saved run (register+breakpoint)", "-", f"{run_s:.1f}",
-                         f"{run_s / ntiles * 1e3:.3f}", f"{peak.delta_mib:.0f}"))
+            with Orchestrator(conf_for(mode), out_dir=out) as orch, PeakRSS() as peak:
+                start = time.perf_counter()
+                _, ds = build(orch, n, tile, ramp_tile, save=True)
+                orch.breakpoint()
+                run_s = time.perf_counter() - start
+            rows.append(
+                (
+                    f"{mode}: saved run (register+breakpoint)",
+                    "-",
+                    f"{run_s:.1f}",
+                    f"{run_s / ntiles * 1e3:.3f}",
+                    f"{peak.delta_mib:.0f}",
+                )
+            )
             del ds
             start = time.perf_counter()
             with Orchestrator(conf_for(mode), out_dir=out) as orch:
-                _, ds = build(orch, n, tile, ramp_tile, save=True)
+                build(orch, n, tile, ramp_tile, save=True)
                 t0 = time.perf_counter()
                 orch._prepare_products(orch.registries.ordered())  # start-up: read records
                 records_s = time.perf_counter() - t0
                 orch.breakpoint()
             rerun_s = time.perf_counter() - start
-            rows.append((f"{mode}: resumed rerun (nothing left)", "-", f"{rerun_s:.1f}",
-                         f"{rerun_s / ntiles * 1e3:.3f}", "-"))
-            rows.append((f"{mode}: reading {ntiles} completion records", "-",
-                         f"{records_s:.2f}", f"{records_s / ntiles * 1e3:.4f}", "-"))
+            rows.append(
+                (
+                    f"{mode}: resumed rerun (nothing left)",
+                    "-",
+                    f"{rerun_s:.1f}",
+                    f"{rerun_s / ntiles * 1e3:.3f}",
+                    "-",
+                )
+            )
+            rows.append(
+                (
+                    f"{mode}: reading {ntiles} completion records",
+                    "-",
+                    f"{records_s:.2f}",
+                    f"{records_s / ntiles * 1e3:.4f}",
+                    "-",
+                )
+            )
             shutil.rmtree(out, ignore_errors=True)
         print("| step | - | seconds | ms/tile | main peak dRSS MiB |")
         print("|---|---|---|---|---|")

@@ -24,8 +24,9 @@ def mean_tile(r0: int, r1: int, c0: int, c1: int, height: int, width: int) -> np
     """3x3 mean (edge-replicated at the raster border) of the field over one core window."""
     a0, a1, b0, b1 = max(r0 - 1, 0), min(r1 + 1, height), max(c0 - 1, 0), min(c1 + 1, width)
     data = field(a0, a1, b0, b1)
-    data = np.pad(data, ((int(r0 == 0), int(r1 == height)), (int(c0 == 0), int(c1 == width))),
-                  mode="edge")
+    data = np.pad(
+        data, ((int(r0 == 0), int(r1 == height)), (int(c0 == 0), int(c1 == width))), mode="edge"
+    )
     h, w = r1 - r0, c1 - c0
     acc = np.zeros((h, w), dtype="float32")
     for dr in range(3):
@@ -36,11 +37,16 @@ def mean_tile(r0: int, r1: int, c0: int, c1: int, height: int, width: int) -> np
 
 def orch_tile(window: dict, saving_info: dict, shape: tuple[int, int]) -> xr.Dataset:
     """zarr_orch task: the mean tile as a CARS-style xarray tile."""
-    values = mean_tile(window["row_min"], window["row_max"], window["col_min"],
-                       window["col_max"], *shape)
+    values = mean_tile(
+        window["row_min"], window["row_max"], window["col_min"], window["col_max"], *shape
+    )
     ds = xr.Dataset({"mean": (("row", "col"), values)})
-    return fill_dataset(ds, saving_info=saving_info, window=window,
-                        overlaps={"up": 0, "down": 0, "left": 0, "right": 0})
+    return fill_dataset(
+        ds,
+        saving_info=saving_info,
+        window=window,
+        overlaps={"up": 0, "down": 0, "left": 0, "right": 0},
+    )
 
 
 def block_tile(block: np.ndarray, block_info: dict | None = None, shape=None) -> np.ndarray:

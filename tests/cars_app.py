@@ -55,8 +55,10 @@ def stage2_tile(stage1, saving_info, profile):
     ov = stage1.attrs["overlaps"]
     window = stage1.attrs["window"]
     data = stage1["hgt"].values
-    pad = ((1 if ov["up"] == 0 else 0, 1 if ov["down"] == 0 else 0),
-           (1 if ov["left"] == 0 else 0, 1 if ov["right"] == 0 else 0))
+    pad = (
+        (1 if ov["up"] == 0 else 0, 1 if ov["down"] == 0 else 0),
+        (1 if ov["left"] == 0 else 0, 1 if ov["right"] == 0 else 0),
+    )
     data = np.pad(data, pad, mode="edge")
     # crop to core + 1 pixel margin
     up = ov["up"] - 1 + pad[0][0]
@@ -68,11 +70,19 @@ def stage2_tile(stage1, saving_info, profile):
     mask = (mean > 0).astype("uint8")
     bands = np.stack([mean * 2, mean * -1]).astype("float32")
     ds = xr.Dataset(
-        {"mean": (("row", "col"), mean), "mask": (("row", "col"), mask),
-         "bands": (("band_im", "row", "col"), bands)}
+        {
+            "mean": (("row", "col"), mean),
+            "mask": (("row", "col"), mask),
+            "bands": (("band_im", "row", "col"), bands),
+        }
     )
-    fill_dataset(ds, saving_info=saving_info, window=window, profile=profile,
-                 overlaps={"up": 0, "down": 0, "left": 0, "right": 0})
+    fill_dataset(
+        ds,
+        saving_info=saving_info,
+        window=window,
+        profile=profile,
+        overlaps={"up": 0, "down": 0, "left": 0, "right": 0},
+    )
     return ds
 
 
@@ -88,8 +98,9 @@ def run_pipeline(orchestrator, tile=(256, 384), overlap=2, size=(1000, 1500)):
     profile = dict(PROFILE, height=height, width=width)
     stage1 = CarsDataset("arrays", name="stage1")
     stage1.create_grid(width, height, tile[0], tile[1], overlap, overlap)
-    orchestrator.add_to_save_lists("stage1.tif", "hgt", stage1, dtype="float32", nodata=-9999,
-                                   cars_ds_name="stage1")
+    orchestrator.add_to_save_lists(
+        "stage1.tif", "hgt", stage1, dtype="float32", nodata=-9999, cars_ds_name="stage1"
+    )
     orchestrator.add_to_replace_lists(stage1, cars_ds_name="stage1")
     [saving_info] = orchestrator.get_saving_infos([stage1])
     task = orchestrator.cluster.create_task(stage1_tile)
@@ -97,26 +108,29 @@ def run_pipeline(orchestrator, tile=(256, 384), overlap=2, size=(1000, 1500)):
         for col in range(stage1.shape[1]):
             window = window_array_to_dict(stage1.tiling_grid[row, col])
             overlaps = overlap_array_to_dict(stage1.overlaps[row, col])
-            stage1[row, col] = task(window, overlaps,
-                                    ocht.update_saving_infos(saving_info, row=row, col=col),
-                                    profile)
+            stage1[row, col] = task(
+                window, overlaps, ocht.update_saving_infos(saving_info, row=row, col=col), profile
+            )
     orchestrator.breakpoint()
 
     stage2 = CarsDataset("arrays", name="stage2")
     stage2.create_empty_copy(stage1)
     stage2.overlaps = np.zeros_like(stage1.overlaps)
-    orchestrator.add_to_save_lists("stage2.tif", "mean", stage2, dtype="float32", nodata=-9999,
-                                   cars_ds_name="stage2")
-    orchestrator.add_to_save_lists("stage2.tif", "mask", stage2, dtype="uint8", nodata=255,
-                                   cars_ds_name="stage2")
-    orchestrator.add_to_save_lists("stage2.tif", "bands", stage2, dtype="float32", nodata=-9999,
-                                   cars_ds_name="stage2")
+    orchestrator.add_to_save_lists(
+        "stage2.tif", "mean", stage2, dtype="float32", nodata=-9999, cars_ds_name="stage2"
+    )
+    orchestrator.add_to_save_lists(
+        "stage2.tif", "mask", stage2, dtype="uint8", nodata=255, cars_ds_name="stage2"
+    )
+    orchestrator.add_to_save_lists(
+        "stage2.tif", "bands", stage2, dtype="float32", nodata=-9999, cars_ds_name="stage2"
+    )
     [saving_info2] = orchestrator.get_saving_infos([stage2])
     task2 = orchestrator.cluster.create_task(stage2_tile)
     for row in range(stage2.shape[0]):
         for col in range(stage2.shape[1]):
-            stage2[row, col] = task2(stage1[row, col],
-                                     ocht.update_saving_infos(saving_info2, row=row, col=col),
-                                     profile)
+            stage2[row, col] = task2(
+                stage1[row, col], ocht.update_saving_infos(saving_info2, row=row, col=col), profile
+            )
     orchestrator.breakpoint()
     return stage1, stage2

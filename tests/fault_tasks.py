@@ -81,7 +81,11 @@ def random_tile(
 
 
 def leaky_tile(
-    window: dict, overlaps: dict, saving_info: dict, profile: dict | None, leak_mb: int,
+    window: dict,
+    overlaps: dict,
+    saving_info: dict,
+    profile: dict | None,
+    leak_mb: int,
     at: tuple[int, int],
 ) -> xr.Dataset:
     """`array_tile`, except that cell `at` first touches `leak_mb` MB and keeps them."""

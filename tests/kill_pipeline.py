@@ -21,9 +21,9 @@ import xarray as xr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import zarr_orch as ocht  # noqa: E402
-from zarr_orch import CarsDataset, fill_dataset  # noqa: E402
-from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict  # noqa: E402
+import zarr_orch as ocht
+from zarr_orch import CarsDataset, fill_dataset
+from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
 
 
 def _count(counter: str | None, stage: str, row: int, col: int) -> None:
@@ -61,7 +61,10 @@ def stage2(tile1, saving_info, counter, sleep):
     time.sleep(sleep)
     ov, window = tile1.attrs["overlaps"], tile1.attrs["window"]
     data = tile1["v"].values
-    pad = ((int(ov["up"] == 0), int(ov["down"] == 0)), (int(ov["left"] == 0), int(ov["right"] == 0)))
+    pad = (
+        (int(ov["up"] == 0), int(ov["down"] == 0)),
+        (int(ov["left"] == 0), int(ov["right"] == 0)),
+    )
     data = np.pad(data, pad, mode="edge")
     h = window["row_max"] - window["row_min"]
     w = window["col_max"] - window["col_min"]
@@ -69,10 +72,18 @@ def stage2(tile1, saving_info, counter, sleep):
     for dr in range(3):
         for dc in range(3):
             acc += data[dr : dr + h, dc : dc + w]
-    ds = xr.Dataset({"mean": (("row", "col"), (acc / 9).astype("float32")),
-                     "pos": (("row", "col"), (acc > 0).astype("uint8"))})
-    return fill_dataset(ds, saving_info=saving_info, window=window,
-                        overlaps={"up": 0, "down": 0, "left": 0, "right": 0})
+    ds = xr.Dataset(
+        {
+            "mean": (("row", "col"), (acc / 9).astype("float32")),
+            "pos": (("row", "col"), (acc > 0).astype("uint8")),
+        }
+    )
+    return fill_dataset(
+        ds,
+        saving_info=saving_info,
+        window=window,
+        overlaps={"up": 0, "down": 0, "left": 0, "right": 0},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         task1 = orch.cluster.create_task(stage1)
         for r in range(s1.shape[0]):
             for c in range(s1.shape[1]):
-                s1[r, c] = task1(window_array_to_dict(s1.tiling_grid[r, c]),
-                                 overlap_array_to_dict(s1.overlaps[r, c]),
-                                 ocht.update_saving_infos(info1, row=r, col=c),
-                                 args.counter, args.sleep, fail)
+                s1[r, c] = task1(
+                    window_array_to_dict(s1.tiling_grid[r, c]),
+                    overlap_array_to_dict(s1.overlaps[r, c]),
+                    ocht.update_saving_infos(info1, row=r, col=c),
+                    args.counter,
+                    args.sleep,
+                    fail,
+                )
         orch.breakpoint()
         print("STAGE1_DONE", flush=True)
         s2 = CarsDataset("arrays", name="stage2")
@@ -119,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         task2 = orch.cluster.create_task(stage2)
         for r in range(s2.shape[0]):
             for c in range(s2.shape[1]):
-                s2[r, c] = task2(s1[r, c], ocht.update_saving_infos(info2, row=r, col=c),
-                                 args.counter, args.sleep)
+                s2[r, c] = task2(
+                    s1[r, c],
+                    ocht.update_saving_infos(info2, row=r, col=c),
+                    args.counter,
+                    args.sleep,
+                )
         orch.breakpoint()
     print("ALL_DONE", flush=True)
     return 0

@@ -62,8 +62,11 @@ def tree(path: Path) -> dict[str, bytes]:
     files = {}
     for p in sorted(path.rglob("*")):
         name = str(p.relative_to(path))
-        if (not p.is_file() or "logs" in p.relative_to(path).parts
-                or p.name in (".zarr_orch.lease.json", "metadata.json")):
+        if (
+            not p.is_file()
+            or "logs" in p.relative_to(path).parts
+            or p.name in (".zarr_orch.lease.json", "metadata.json")
+        ):
             continue
         data = p.read_bytes()
         if p.name == "zarr.json" and p.parent.suffix == ".zarr":
@@ -98,8 +101,12 @@ def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
     """A size-limited tmpfs at `path` (skips the test when this process cannot mount)."""
     path.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
     try:
@@ -178,8 +185,9 @@ def test_missing_out_dir_parents_are_created(tmp_path):
     out = tmp_path / "a" / "b" / "c"
     write_reference(out)
     assert records_of(out / "ds.zarr") == {(0, 0), (0, 1), (1, 0), (1, 1)}
-    np.testing.assert_array_equal(zarr.open_array(str(out / "ds.zarr" / "hgt"))[...],
-                                  full_field(H, W))
+    np.testing.assert_array_equal(
+        zarr.open_array(str(out / "ds.zarr" / "hgt"))[...], full_field(H, W)
+    )
 
 
 # -- read-only and full filesystems ----------------------------------------------------------------
@@ -193,7 +201,8 @@ def test_read_only_out_dir_is_refused_before_anything_runs(tmp_path):
         with pytest.raises(zo.ConfigurationError) as info:
             Orchestrator(SEQ, out_dir=mount / "sub" / "out")
         assert f"cannot create out_dir {mount / 'sub' / 'out'}: Read-only file system" in str(
-            info.value)
+            info.value
+        )
         assert list(mount.iterdir()) == []
 
 
@@ -210,9 +219,11 @@ def test_rerun_on_a_product_made_read_only_is_refused_and_verify_still_reads_it(
         remount(mount, "rw")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root: chmod 0o500 does not stop root from writing "
-                    "(the read-only tmpfs test covers this row)")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="running as root: chmod 0o500 does not stop root from writing "
+    "(the read-only tmpfs test covers this row)",
+)
 def test_out_dir_without_write_permission_is_refused(tmp_path):
     out = tmp_path / "locked"
     out.mkdir()
@@ -241,8 +252,9 @@ def _random_reference() -> np.ndarray:
     for row in range(4):
         for col in range(4):
             rng = np.random.default_rng(row * 1000 + col)
-            full[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64] = rng.random(
-                (64, 64), dtype="float32")
+            full[row * 64 : (row + 1) * 64, col * 64 : (col + 1) * 64] = rng.random(
+                (64, 64), dtype="float32"
+            )
     return full
 
 
@@ -278,9 +290,11 @@ def test_disk_full_fails_the_tiles_it_hits_and_a_rerun_with_room_completes(tmp_p
         orch = _random_run(out)
         assert orch._stats["tiles"] == len(failed) and orch._stats["resumed"] == len(done)
         assert _assert_no_record_without_data(out / "ds.zarr") == {
-            (r, c) for r in range(4) for c in range(4)}
-        np.testing.assert_array_equal(zarr.open_array(str(out / "ds.zarr" / "hgt"))[...],
-                                      _random_reference())
+            (r, c) for r in range(4) for c in range(4)
+        }
+        np.testing.assert_array_equal(
+            zarr.open_array(str(out / "ds.zarr" / "hgt"))[...], _random_reference()
+        )
 
 
 def test_disk_full_run_log_does_not_hide_the_tile_error(tmp_path):
@@ -296,9 +310,7 @@ def test_disk_full_run_log_does_not_hide_the_tile_error(tmp_path):
                     handler.close()
 
 
-def test_disk_full_simulated_by_the_store_names_the_tile_and_records_nothing(
-    out_dir, monkeypatch
-):
+def test_disk_full_simulated_by_the_store_names_the_tile_and_records_nothing(out_dir, monkeypatch):
     """The same fault without a mount: the local store raises ENOSPC from the 5th chunk on."""
     original = zarr.storage.LocalStore.set
     written: list[str] = []
@@ -314,14 +326,16 @@ def test_disk_full_simulated_by_the_store_names_the_tile_and_records_nothing(
     with pytest.raises(zo.TaskFailedError) as info:
         _random_run(out_dir)
     assert str(info.value).startswith(
-        "task for tile (row=1, col=0) of ds failed: OSError: [Errno 28] No space left on device")
+        "task for tile (row=1, col=0) of ds failed: OSError: [Errno 28] No space left on device"
+    )
     assert "(11 other tile(s) failed too); 4 tile(s) finished" in str(info.value)
     assert _assert_no_record_without_data(out_dir / "ds.zarr") == {(0, c) for c in range(4)}
     monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
     orch = _random_run(out_dir)
     assert orch._stats["tiles"] == 12 and orch._stats["resumed"] == 4
-    np.testing.assert_array_equal(zarr.open_array(str(out_dir / "ds.zarr" / "hgt"))[...],
-                                  _random_reference())
+    np.testing.assert_array_equal(
+        zarr.open_array(str(out_dir / "ds.zarr" / "hgt"))[...], _random_reference()
+    )
 
 
 # -- bad tiles -------------------------------------------------------------------------------------
@@ -330,15 +344,30 @@ def test_disk_full_simulated_by_the_store_names_the_tile_and_records_nothing(
 @pytest.mark.parametrize(
     ("kind", "dtype", "nodata", "message"),
     [
-        ("complex", "float32", -9999, "has values of dtype complex64, which cannot be saved as "
-         "float32: return boolean, integer or float arrays"),
+        (
+            "complex",
+            "float32",
+            -9999,
+            "has values of dtype complex64, which cannot be saved as "
+            "float32: return boolean, integer or float arrays",
+        ),
         ("object", "float32", -9999, "has values of dtype object, which cannot be saved"),
         ("str", "float32", -9999, "has values of dtype <U3, which cannot be saved"),
         ("inf", "int16", -1, "contains inf values, which int16 cannot hold"),
-        ("too_big", "uint8", 0, "has values in [1000.0, 1000.0], outside the range of uint8 "
-         "[0, 255]; choose a wider dtype or rescale"),
-        ("nan", "int16", None, "contains NaN values, which int16 cannot hold without a nodata "
-         "value; register the tag with a nodata"),
+        (
+            "too_big",
+            "uint8",
+            0,
+            "has values in [1000.0, 1000.0], outside the range of uint8 "
+            "[0, 255]; choose a wider dtype or rescale",
+        ),
+        (
+            "nan",
+            "int16",
+            None,
+            "contains NaN values, which int16 cannot hold without a nodata "
+            "value; register the tag with a nodata",
+        ),
         ("1d", "float32", -9999, "has 1 dimensions; expected (row, col) or (band, row, col)"),
         ("4d", "float32", -9999, "has 4 dimensions; expected (row, col) or (band, row, col)"),
     ],
@@ -353,8 +382,9 @@ def test_tile_values_a_raster_cannot_hold_fail_their_task_and_record_nothing(
         with pytest.raises(zo.TaskFailedError) as info:
             orch.breakpoint()
     text = str(info.value)
-    assert text.startswith("task for tile (row=0, col=0) of ds failed: TileError: tile (row=0, "
-                           "col=0) of ds tag 'hgt'")
+    assert text.startswith(
+        "task for tile (row=0, col=0) of ds failed: TileError: tile (row=0, col=0) of ds tag 'hgt'"
+    )
     assert message in text
     assert "(3 other tile(s) failed too); 0 tile(s) finished" in text
     assert records_of(out_dir / "ds.zarr") == set()
@@ -370,8 +400,10 @@ def test_tile_that_is_a_bare_array_fails_its_task(out_dir):
         schedule(orch, cds, ndarray_tile)
         with pytest.raises(zo.TaskFailedError) as info:
             orch.breakpoint()
-    assert ("tile (row=0, col=0) of ds: the task returned a ndarray, which has no .attrs; "
-            "return an xarray.Dataset, a pandas.DataFrame or a CarsDict") in str(info.value)
+    assert (
+        "tile (row=0, col=0) of ds: the task returned a ndarray, which has no .attrs; "
+        "return an xarray.Dataset, a pandas.DataFrame or a CarsDict"
+    ) in str(info.value)
     assert tree(out_dir) == before
 
 
@@ -386,15 +418,18 @@ def test_overlapping_or_gapped_windows_are_refused_before_anything_runs(out_dir,
         schedule(orch, cds, array_tile, profile_for(H, W))
         with pytest.raises(zo.MisalignedGridError) as info:
             orch.breakpoint()
-    assert (f"ds cannot be saved as Zarr chunks: tiling grid is not a regular chunk grid: tile "
-            f"(row=0, col=1) with window {{row_min=0, row_max=32, col_min={col_min}, col_max=90}} "
-            "does not start where the tile on its left ends") in str(info.value)
+    assert (
+        f"ds cannot be saved as Zarr chunks: tiling grid is not a regular chunk grid: tile "
+        f"(row=0, col=1) with window {{row_min=0, row_max=32, col_min={col_min}, col_max=90}} "
+        "does not start where the tile on its left ends"
+    ) in str(info.value)
     assert not (out_dir / "ds.zarr").exists()
 
 
 def test_lambda_task_in_multiprocessing_mode_is_refused_before_anything_runs(out_dir):
-    with Orchestrator({"mode": "multiprocessing", "nb_workers": 1, "progress": False},
-                      out_dir=out_dir) as orch:
+    with Orchestrator(
+        {"mode": "multiprocessing", "nb_workers": 1, "progress": False}, out_dir=out_dir
+    ) as orch:
         cds = arrays_dataset(H, W, TILE, name="ds")
         orch.add_to_save_lists("ds.tif", "hgt", cds)
         with pytest.raises(zo.ConfigurationError) as info:
@@ -402,16 +437,23 @@ def test_lambda_task_in_multiprocessing_mode_is_refused_before_anything_runs(out
         assert not orch.cluster._started  # no worker was started for it
         orch.reset_registries()
     text = str(info.value)
-    assert text.startswith("task function 'test_lambda_task_in_multiprocessing_mode_is_refused_"
-                           "before_anything_runs.<locals>.<lambda>' cannot be sent to worker "
-                           "processes in 'multiprocessing' mode")
+    assert text.startswith(
+        "task function 'test_lambda_task_in_multiprocessing_mode_is_refused_"
+        "before_anything_runs.<locals>.<lambda>' cannot be sent to worker "
+        "processes in 'multiprocessing' mode"
+    )
     assert "define it at module level in an importable module (not a lambda" in text
     assert not (out_dir / "ds.zarr").exists()
 
 
 def test_task_leaking_memory_past_max_ram_per_worker_is_killed_and_named(out_dir):
-    conf = {"mode": "multiprocessing", "nb_workers": 1, "max_ram_per_worker": 200,
-            "max_retries": 0, "progress": False}
+    conf = {
+        "mode": "multiprocessing",
+        "nb_workers": 1,
+        "max_ram_per_worker": 200,
+        "max_retries": 0,
+        "progress": False,
+    }
     with Orchestrator(conf, out_dir=out_dir) as orch:
         cds = arrays_dataset(H, W, TILE, name="ds")
         orch.add_to_save_lists("ds.tif", "hgt", cds, dtype="float32", nodata=-9999)
@@ -419,8 +461,9 @@ def test_task_leaking_memory_past_max_ram_per_worker_is_killed_and_named(out_dir
         with pytest.raises(zo.TaskFailedError) as info:
             orch.breakpoint()
     text = str(info.value)
-    assert text.startswith("task for tile (row=0, col=0) of ds failed: MemoryError: task "
-                           "'leaky_tile'")
+    assert text.startswith(
+        "task for tile (row=0, col=0) of ds failed: MemoryError: task 'leaky_tile'"
+    )
     assert "above max_ram_per_worker=200 MB; the worker was killed" in text
     assert "3 tile(s) finished and are kept on disk" in text
     assert records_of(out_dir / "ds.zarr") == {(0, 1), (1, 0), (1, 1)}
@@ -459,8 +502,10 @@ def _edit_shape(meta: dict) -> None:
     ("edit", "message"),
     [
         (_edit_dtype, "(hgt: dtype int16 != float32)"),
-        (_edit_shape, "(hgt: shape (100, 90) does not match the 60x90 raster of its row/col "
-         "coordinates)"),
+        (
+            _edit_shape,
+            "(hgt: shape (100, 90) does not match the 60x90 raster of its row/col coordinates)",
+        ),
         (None, "(its array metadata cannot be read (JSONDecodeError"),
     ],
     ids=["dtype", "shape", "garbage"],

@@ -41,7 +41,10 @@ def start(out: Path | str, counter: Path, *extra: str) -> subprocess.Popen[str]:
     counter.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, str(PIPELINE), str(out), "--counter", str(counter), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
 
 
@@ -108,7 +111,7 @@ def workers_of(pid: int) -> list[psutil.Process]:
 
 def assert_no_orphans(processes: list[psutil.Process], timeout: float = 15.0) -> None:
     """The killed run's worker processes all exit on their own (they watch their parent)."""
-    gone, alive = psutil.wait_procs(processes, timeout=timeout)
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
     for proc in alive:
         proc.kill()
     assert not alive, f"orphan processes left behind: {[p.pid for p in alive]}"
@@ -135,9 +138,16 @@ def kill_main(proc: subprocess.Popen[str]) -> list[psutil.Process]:
 
 
 TRIALS = [  # (moment, fraction of the stage's tiles done before the kill)
-    ("stage1", None), ("stage1", None), ("stage1", None), ("between", None),
-    ("stage2", None), ("stage2", None), ("stage2", None), ("stage1", None),
-    ("between", None), ("stage2", None),
+    ("stage1", None),
+    ("stage1", None),
+    ("stage1", None),
+    ("between", None),
+    ("stage2", None),
+    ("stage2", None),
+    ("stage2", None),
+    ("stage1", None),
+    ("between", None),
+    ("stage2", None),
 ]
 
 
@@ -177,11 +187,14 @@ def test_sigkill_a_worker_is_retried(tmp_path, reference):
     out = tmp_path / "run"
     proc = start(out, tmp_path / "counter", "--sleep", "0.01")
     wait_until(lambda: len(record_files(out, "stage1.zarr")) >= 40, proc)
-    victims = [p for p in workers_of(proc.pid)
-               if "resource_tracker" not in " ".join(p.cmdline()) and p.ppid() != proc.pid]
+    victims = [
+        p
+        for p in workers_of(proc.pid)
+        if "resource_tracker" not in " ".join(p.cmdline()) and p.ppid() != proc.pid
+    ]
     assert victims, "no worker process found"
     victims[0].kill()
-    stdout, stderr = proc.communicate(timeout=180)
+    _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-3000:]
     got = read_products(out)
     for name, want in reference.items():
@@ -226,7 +239,7 @@ def _interrupt(proc: subprocess.Popen[str], out: Path, signum: int, at_least: in
     children = workers_of(proc.pid)
     os.kill(proc.pid, signum)
     start_wait = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr, children, time.monotonic() - start_wait
 
 

@@ -47,8 +47,9 @@ def sequential_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scheduler_address():
     distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
     try:
         yield cluster.scheduler_address
     finally:
@@ -70,12 +71,13 @@ def test_products_identical_across_modes(name, tmp_path, sequential_run, request
         conf["address"] = request.getfixturevalue("scheduler_address")
     out = tmp_path / "out"
     run_mode(conf, out)
-    expected_mean, full = reference(*SIZE)
+    expected_mean, _ = reference(*SIZE)
     for product, tags in PRODUCTS.items():
         got = zarr.open_group(str(out / product), mode="r")
         want = zarr.open_group(str(sequential_run / product), mode="r")
         for tag in tags:
             np.testing.assert_array_equal(got[tag][...], want[tag][...], err_msg=tag)
-    np.testing.assert_array_equal(zarr.open_group(str(out / "stage2.zarr"))["mean"][...],
-                                  expected_mean)
+    np.testing.assert_array_equal(
+        zarr.open_group(str(out / "stage2.zarr"))["mean"][...], expected_mean
+    )
     assert chunk_bytes(out) == chunk_bytes(sequential_run)

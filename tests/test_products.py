@@ -94,12 +94,12 @@ def location(tmp_path) -> Location:
     return Location.parse(tmp_path / "prod.zarr")
 
 
-
 def write_tile_and_record(plan, tile, row, col, what):
     """What a sink + the main process do: write the tile's chunks, then its record."""
     result = write_arrays_tile(plan, tile, row, col, what)
     write_record(plan.location, row, col, result.record)
     return result
+
 
 # -- ProductPlan / prepare_product -------------------------------------------------------------
 

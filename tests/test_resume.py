@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from app_tasks import arrays_dataset, array_tile, full_field, profile_for, schedule
+from app_tasks import array_tile, arrays_dataset, full_field, profile_for, schedule
 
 from zarr_orch import Orchestrator, ProductError, open_product
 from zarr_orch.storage.lease import LeaseError
@@ -37,12 +37,24 @@ def where(request, tmp_path):
 
 
 def _conf(options: dict, **extra) -> dict:
-    return {"mode": "sequential", "progress": False, "max_retries": 0,
-            "storage_options": options, **extra}
+    return {
+        "mode": "sequential",
+        "progress": False,
+        "max_retries": 0,
+        "storage_options": options,
+        **extra,
+    }
 
 
-def _run(out: str, options: dict, calls: list | None = None, tile=TILE, dtype="float32",
-         nodata=-9999, **conf):
+def _run(
+    out: str,
+    options: dict,
+    calls: list | None = None,
+    tile=TILE,
+    dtype="float32",
+    nodata=-9999,
+    **conf,
+):
     """One saved dataset; returns the number of tasks the breakpoint executed."""
     with Orchestrator(_conf(options, **conf), out_dir=out) as orch:
         cds = arrays_dataset(H, W, tile, overlap=1, name="dem")
@@ -139,8 +151,13 @@ def test_stale_lease_of_another_host_is_taken_over(where):
     out, options = where
     location = Location.parse(out, options)
     location.makedirs()
-    holder = {"run_id": "elsewhere", "host": "another-host", "pid": 1, "started": time.time(),
-              "heartbeat": time.time()}
+    holder = {
+        "run_id": "elsewhere",
+        "host": "another-host",
+        "pid": 1,
+        "started": time.time(),
+        "heartbeat": time.time(),
+    }
     location.join(".zarr_orch.lease.json").write_text(json.dumps(holder))
     with pytest.raises(LeaseError, match="another-host"):
         Orchestrator(_conf(options), out_dir=out)
@@ -184,8 +201,12 @@ def test_tile_status_follows_the_records(where):
     name = group.attrs["zarr_orch"]["records"][0]
     from zarr_orch.storage.records import forget_tiles
 
-    forget_tiles(zarr.open_group(Location.parse(f"{out}/dem.zarr", options).zarr_store(),
-                                 mode="r+")[f"_zarr_orch/{name}"], [(1, 1)])
+    forget_tiles(
+        zarr.open_group(Location.parse(f"{out}/dem.zarr", options).zarr_store(), mode="r+")[
+            f"_zarr_orch/{name}"
+        ],
+        [(1, 1)],
+    )
     status = tile_status(f"{out}/dem.zarr", storage_options=options)
     assert status.sel(tile_row=1, tile_col=1).item() == "missing"
     assert (status == "done").sum().item() == 5

@@ -48,8 +48,16 @@ H, W, TILE = 60, 90, (32, 48)  # 2x2 tiles, the last row and column are edge til
 SEQ = {"mode": "sequential", "max_retries": 0, "progress": False}
 
 
-def write(out_dir: Path, func=array_tile, *args, tags=("hgt",), name="ds", codec="zstd",
-          nodata=-9999, **conf) -> Orchestrator:
+def write(
+    out_dir: Path,
+    func=array_tile,
+    *args,
+    tags=("hgt",),
+    name="ds",
+    codec="zstd",
+    nodata=-9999,
+    **conf,
+) -> Orchestrator:
     """Run the reference pipeline: tags of `func` tiles into out_dir/ds.zarr (float32)."""
     with Orchestrator(dict(SEQ, codec=codec, **conf), out_dir=out_dir) as orch:
         cds = arrays_dataset(H, W, TILE, overlap=2, name=name)
@@ -169,7 +177,9 @@ def test_grid_not_starting_at_pixel_zero(out_dir):
         orch.add_to_save_lists("ds.tif", "hgt", cds, dtype="float32", nodata=-9999)
         schedule(orch, cds, array_tile, profile_for(height, width))
     assert zarr.open_group(str(product(out_dir)), mode="r").attrs["zarr_orch"]["grid_origin"] == [
-        32, 48]
+        32,
+        48,
+    ]
     assert verify_product(product(out_dir)).ok
     os.remove(product(out_dir) / "hgt" / "c" / "1" / "1")  # chunk (1, 1) is tile (0, 0)
     assert kinds(verify_product(product(out_dir))) == [(0, 0, "hgt", MISSING_CHUNK)]

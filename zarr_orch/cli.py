@@ -305,8 +305,11 @@ def _add_verify_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
         "are deleted so that the next run recomputes exactly those tiles.",
     )
     verify.add_argument("out", metavar="OUT", help="run output directory (or one product)")
-    verify.add_argument("--repair", action="store_true",
-                        help="forget the records of bad tiles (the next run recomputes them)")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="forget the records of bad tiles (the next run recomputes them)",
+    )
     verify.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
 

@@ -35,7 +35,9 @@ def positive_number_or_none(name: str) -> Any:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
-            raise ConfigurationError(f"{name} must be a number of seconds > 0 or null, got {value!r}")
+            raise ConfigurationError(
+                f"{name} must be a number of seconds > 0 or null, got {value!r}"
+            )
         return float(value)
 
     return check
@@ -142,18 +144,21 @@ COMMON_OPTIONS: dict[str, Option] = {
         {}, mapping("storage_options"), "fsspec/s3fs options for out_dir and products"
     ),
     "storage_retries": Option(
-        6, non_negative_int("storage_retries"),
+        6,
+        non_negative_int("storage_retries"),
         "times a store operation is repeated after a transient object-store error",
     ),
     "storage_retry_delay": Option(
-        0.25, positive_number("storage_retry_delay"),
+        0.25,
+        positive_number("storage_retry_delay"),
         "first backoff (s) before a storage retry; doubled each time, with jitter",
     ),
     "storage_retry_max_delay": Option(
         8.0, positive_number("storage_retry_max_delay"), "longest backoff (s) between retries"
     ),
     "storage_concurrency": Option(
-        None, positive_int_or_none("storage_concurrency"),
+        None,
+        positive_int_or_none("storage_concurrency"),
         "zarr async.concurrency in every process using a remote store (null: zarr's default)",
     ),
     "progress": Option(
@@ -161,11 +166,13 @@ COMMON_OPTIONS: dict[str, Option] = {
     ),
     "profiling": Option({}, mapping("profiling"), "accepted for CARS compatibility; unused"),
     "codec": Option(
-        "zstd", lambda v: check_codec(v), 'chunk compression: "zstd" (zarr default), '
-        '"zstd-1", "blosc-lz4" or "none"'
+        "zstd",
+        lambda v: check_codec(v),
+        'chunk compression: "zstd" (zarr default), "zstd-1", "blosc-lz4" or "none"',
     ),
     "checksum": Option(
-        True, boolean("checksum"),
+        True,
+        boolean("checksum"),
         "append zarr's crc32c codec to every chunk so readers detect damaged chunks",
     ),
     "resume": Option(
@@ -175,11 +182,13 @@ COMMON_OPTIONS: dict[str, Option] = {
         False, boolean("overwrite"), "delete and rebuild every product this run writes"
     ),
     "lease_timeout": Option(
-        60.0, positive_number_or_none("lease_timeout"),
+        60.0,
+        positive_number_or_none("lease_timeout"),
         "seconds without heartbeat after which another host's lease on out_dir is stale",
     ),
     "save_intermediate": Option(
-        False, boolean("save_intermediate"),
+        False,
+        boolean("save_intermediate"),
         "also store replaced-only datasets in out_dir/intermediate/<name>.zarr (resumable)",
     ),
     "run_key": Option(
@@ -241,8 +250,11 @@ def mask_secrets(obj: Any) -> Any:
     """A deep copy of `obj` with the values of secret-looking keys replaced by '***'."""
     if isinstance(obj, Mapping):
         return {
-            key: (MASK if isinstance(key, str) and is_secret_key(key) and value is not None
-                  else mask_secrets(value))
+            key: (
+                MASK
+                if isinstance(key, str) and is_secret_key(key) and value is not None
+                else mask_secrets(value)
+            )
             for key, value in obj.items()
         }
     if isinstance(obj, list | tuple):

@@ -52,22 +52,27 @@ def terrain(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 def terrain_tile(window: dict, overlaps: dict, saving_info: dict, profile: dict) -> xr.Dataset:
     """Stage 1 task: elevation over the tile window plus its overlaps."""
-    rows = np.arange(window[cst.ROW_MIN] - overlaps[cst.UP], window[cst.ROW_MAX] + overlaps[cst.DOWN])
+    rows = np.arange(
+        window[cst.ROW_MIN] - overlaps[cst.UP], window[cst.ROW_MAX] + overlaps[cst.DOWN]
+    )
     cols = np.arange(
         window[cst.COL_MIN] - overlaps[cst.LEFT], window[cst.COL_MAX] + overlaps[cst.RIGHT]
     )
     dem = terrain(rows, cols)
     tile = xr.Dataset({"dem": ((cst.ROW, cst.COL), dem)})
-    return fill_dataset(tile, saving_info=saving_info, window=window, profile=profile,
-                        overlaps=overlaps)
+    return fill_dataset(
+        tile, saving_info=saving_info, window=window, profile=profile, overlaps=overlaps
+    )
 
 
 def derived_tile(dem_tile: xr.Dataset, saving_info: dict, profile: dict) -> xr.Dataset:
     """Stage 2 task: slope (deg), hillshade (0-254) and classes from one stage-1 tile."""
     ov = dem_tile.attrs[cst.OVERLAPS]
     window = dem_tile.attrs[cst.WINDOW]
-    pad = ((int(ov[cst.UP] == 0), int(ov[cst.DOWN] == 0)),
-           (int(ov[cst.LEFT] == 0), int(ov[cst.RIGHT] == 0)))
+    pad = (
+        (int(ov[cst.UP] == 0), int(ov[cst.DOWN] == 0)),
+        (int(ov[cst.LEFT] == 0), int(ov[cst.RIGHT] == 0)),
+    )
     dem = np.pad(dem_tile["dem"].values.astype("float64"), pad, mode="edge")
     up = ov[cst.UP] - 1 + pad[0][0]
     left = ov[cst.LEFT] - 1 + pad[1][0]
@@ -93,8 +98,9 @@ def derived_tile(dem_tile: xr.Dataset, saving_info: dict, profile: dict) -> xr.D
         }
     )
     no_overlaps = {cst.UP: 0, cst.DOWN: 0, cst.LEFT: 0, cst.RIGHT: 0}
-    return fill_dataset(tile, saving_info=saving_info, window=window, profile=profile,
-                        overlaps=no_overlaps)
+    return fill_dataset(
+        tile, saving_info=saving_info, window=window, profile=profile, overlaps=no_overlaps
+    )
 
 
 def demo_profile(size: int) -> dict[str, Any]:
@@ -113,8 +119,9 @@ def build_stage1(orchestrator: Orchestrator, size: int, tile: int) -> CarsDatase
     """Register stage 1 (saved to terrain.zarr and replaced) and create its tasks."""
     dem = CarsDataset("arrays", name="terrain")
     dem.create_grid(size, size, tile, tile, 1, 1)
-    orchestrator.add_to_save_lists("terrain.tif", "dem", dem, dtype="float32", nodata=-9999,
-                                   cars_ds_name="terrain")
+    orchestrator.add_to_save_lists(
+        "terrain.tif", "dem", dem, dtype="float32", nodata=-9999, cars_ds_name="terrain"
+    )
     orchestrator.add_to_replace_lists(dem, cars_ds_name="terrain")
     [saving_info] = orchestrator.get_saving_infos([dem])
     profile = demo_profile(size)
@@ -136,10 +143,14 @@ def build_stage2(orchestrator: Orchestrator, dem: CarsDataset, size: int) -> Car
     derived = CarsDataset("arrays", name="derived")
     derived.create_empty_copy(dem)
     derived.overlaps = np.zeros_like(dem.overlaps)
-    for tag, dtype, nodata in (("slope", "float32", -9999), ("hillshade", "uint8", 255),
-                               ("classes", "uint8", 0)):
-        orchestrator.add_to_save_lists("products.tif", tag, derived, dtype=dtype, nodata=nodata,
-                                       cars_ds_name="derived")
+    for tag, dtype, nodata in (
+        ("slope", "float32", -9999),
+        ("hillshade", "uint8", 255),
+        ("classes", "uint8", 0),
+    ):
+        orchestrator.add_to_save_lists(
+            "products.tif", tag, derived, dtype=dtype, nodata=nodata, cars_ds_name="derived"
+        )
     [saving_info] = orchestrator.get_saving_infos([derived])
     profile = demo_profile(size)
     task = orchestrator.cluster.create_task(derived_tile)

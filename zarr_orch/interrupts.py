@@ -9,6 +9,7 @@ afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -45,12 +46,12 @@ class InterruptGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
-            raise interrupted(f"stopped at once by a second {signal.Signals(signum).name}",
-                              signum)
+            raise interrupted(f"stopped at once by a second {signal.Signals(signum).name}", signum)
         self.signum = signum
         logger.warning(
             "%s received: finishing the tiles in flight, then stopping (press Ctrl-C again to "
-            "stop at once)", signal.Signals(signum).name,
+            "stop at once)",
+            signal.Signals(signum).name,
         )
 
     @property
@@ -61,10 +62,9 @@ class InterruptGuard:
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                try:
+                # not allowed in some embedded interpreters: then Ctrl-C keeps its default
+                with contextlib.suppress(ValueError, OSError):
                     self._previous[sig] = signal.signal(sig, self._handle)
-                except (ValueError, OSError):  # not allowed here (embedded interpreter)
-                    pass
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -30,7 +30,8 @@ from zarr_orch.data.cars_dataset import is_concrete_tile
 from zarr_orch.errors import ConfigurationError, ProductError, StorageError, TaskFailedError
 from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
-from zarr_orch.runlog import RunLog
+from zarr_orch.registry.fingerprint import digest as fingerprint_digest
+from zarr_orch.registry.fingerprint import fingerprint_components
 from zarr_orch.registry.ids import IdGenerator
 from zarr_orch.registry.plan import (
     build_plans,
@@ -40,17 +41,16 @@ from zarr_orch.registry.plan import (
 )
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import Receipt, TileSink
-from zarr_orch.storage.location import Location
-from zarr_orch.registry.fingerprint import digest as fingerprint_digest
-from zarr_orch.registry.fingerprint import fingerprint_components
+from zarr_orch.runlog import RunLog
 from zarr_orch.storage.lease import Lease
-from zarr_orch.storage.records import RecordWriter
+from zarr_orch.storage.location import Location
 from zarr_orch.storage.product import (
     ProductPlan,
     prepare_product,
     product_differences,
     read_window,
 )
+from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ class Orchestrator:
             out_dir = tempfile.mkdtemp(prefix="zarr_orch_")
             self.add_to_clean(out_dir)
             logger.info("no out_dir given: using temporary directory %s (removed at exit)", out_dir)
-        self.out_location = Location.parse(out_dir, self._storage_options,
-                                           settings=StorageSettings.from_conf(self._conf))
+        self.out_location = Location.parse(
+            out_dir, self._storage_options, settings=StorageSettings.from_conf(self._conf)
+        )
         self.out_dir = self.out_location.url
         _check_out_dir(self.out_location)
         if out_json_path is None:
@@ -161,8 +162,14 @@ class Orchestrator:
         #: ones resume may skip (tiles written by this run's own breakpoints are not reused)
         self._resumable: dict[tuple[str, str], set[tuple[int, int]]] = {}
         self._failed_tiles: dict[tuple[str, int, int], str] = {}
-        self._stats = {"breakpoints": 0, "tiles": 0, "resumed": 0, "bytes": 0, "failed": 0,
-                       "seconds": 0.0}
+        self._stats = {
+            "breakpoints": 0,
+            "tiles": 0,
+            "resumed": 0,
+            "bytes": 0,
+            "failed": 0,
+            "seconds": 0.0,
+        }
         self._closed = False
         self.callbacks: list[Callback] = default_callbacks(self._conf["progress"])
         self._guard: InterruptGuard | None = None
@@ -174,18 +181,24 @@ class Orchestrator:
         self._records = RecordWriter()
         self._lease: Lease | None = None
         if launch_worker:
-            self._lease = Lease(self.out_location, self.run_id,
-                                stale_after=self._conf["lease_timeout"])
+            self._lease = Lease(
+                self.out_location, self.run_id, stale_after=self._conf["lease_timeout"]
+            )
             self._lease.acquire()
         try:
-            self.cluster: AbstractCluster = cluster_cls(self._conf, self.out_location,
-                                                        launch_worker)
+            self.cluster: AbstractCluster = cluster_cls(
+                self._conf, self.out_location, launch_worker
+            )
         except BaseException:
             if self._lease is not None:
                 self._lease.release()
             raise
-        logger.info("orchestrator %s started: mode %s, out_dir %s", self.run_id,
-                    self._conf["mode"], self.out_location)
+        logger.info(
+            "orchestrator %s started: mode %s, out_dir %s",
+            self.run_id,
+            self._conf["mode"],
+            self.out_location,
+        )
 
     # -- configuration -----------------------------------------------------------------------
     def get_conf(self) -> dict[str, Any]:
@@ -214,8 +227,15 @@ class Orchestrator:
             product_location(os.fspath(file_name), self.out_location)
         key = self.id_generator.get_id(cars_ds)
         self.registries.add_save(
-            cars_ds, key, cars_ds_name, file_name, tag, dtype, nodata,
-            optional_data, save_points_cloud_by_pair,
+            cars_ds,
+            key,
+            cars_ds_name,
+            file_name,
+            tag,
+            dtype,
+            nodata,
+            optional_data,
+            save_points_cloud_by_pair,
         )
 
     def add_to_replace_lists(self, cars_ds: Any, cars_ds_name: str | None = None) -> None:
@@ -309,7 +329,9 @@ class Orchestrator:
         tracked = self.registries.ordered()
         plans = self._prepare_products(tracked)
         delayed_type = self.cluster.get_delayed_type()
-        restrict = None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
+        restrict = (
+            None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
+        )
         tasks, sinks, local, to_serve = [], [], [], []
         resumed = 0
         for item in tracked:
@@ -329,16 +351,26 @@ class Orchestrator:
                         if item.key in self.registries.replace_keys:
                             to_serve.append((item, key_plans, row, col, obj))
                         continue
-                    sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
-                                    worker_plans, bool(keep))
+                    sink = TileSink(
+                        item.key,
+                        item.name,
+                        row,
+                        col,
+                        item.cars_ds.dataset_type,
+                        worker_plans,
+                        bool(keep),
+                    )
                     if is_delayed:
                         tasks.append(self.cluster.attach_sink(obj, sink))
                         sinks.append(sink)
                     elif item.key in self.registries.save_entries and is_concrete_tile(obj):
                         local.append((sink, obj))
         names = "+".join(dict.fromkeys(item.name for item in tracked)) or "nothing"
-        summary = StageSummary(name=f"breakpoint {self._stats['breakpoints'] + 1} ({names})",
-                               total=len(tasks) + len(local), resumed=resumed)
+        summary = StageSummary(
+            name=f"breakpoint {self._stats['breakpoints'] + 1} ({names})",
+            total=len(tasks) + len(local),
+            resumed=resumed,
+        )
         self._emit("on_stage_start", summary.name, summary.total)
         if resumed:
             self._emit("on_tiles_resumed", resumed)
@@ -352,14 +384,16 @@ class Orchestrator:
             # done tiles of replaced datasets: rebuilt from the store now that this
             # breakpoint's tiles (their neighbours' cores) are written; else recomputed
             again, again_sinks = [], []
-            for item, key_plans, row, col, obj in self._serve_tiles(to_serve):
-                sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type,
-                                (), True)
+            for item, _plans, row, col, obj in self._serve_tiles(to_serve):
+                sink = TileSink(item.key, item.name, row, col, item.cars_ds.dataset_type, (), True)
                 again.append(self.cluster.attach_sink(obj, sink))
                 again_sinks.append(sink)
             if again:
-                logger.info("%d done tile(s) of replaced datasets could not be rebuilt "
-                            "exactly from the store: recomputing them", len(again))
+                logger.info(
+                    "%d done tile(s) of replaced datasets could not be rebuilt "
+                    "exactly from the store: recomputing them",
+                    len(again),
+                )
                 summary.total += len(again)
                 self._run_round(again, again_sinks, plans, summary, failures)
             self._clear_unfinished(tracked, delayed_type)
@@ -495,8 +529,12 @@ class Orchestrator:
                 try:
                     tiles = load_tiles(plan, list(pending), state.done)
                 except Exception as exc:  # a damaged description only costs recomputation
-                    logger.warning("tiles of %s cannot be served from %s (%s)",
-                                   item.name, plan.location.url, exc)
+                    logger.warning(
+                        "tiles of %s cannot be served from %s (%s)",
+                        item.name,
+                        plan.location.url,
+                        exc,
+                    )
                     tiles = {}
                 for (row, col), tile in tiles.items():
                     item.cars_ds.tiles[row][col] = tile
@@ -523,7 +561,10 @@ class Orchestrator:
                         )
                 continue
             plans[item.key] = build_plans(
-                item, entries, self.out_location, self._conf["codec"],
+                item,
+                entries,
+                self.out_location,
+                self._conf["codec"],
                 describe_tiles=item.key in self.registries.replace_keys,
             )
             for plan in plans[item.key]:
@@ -531,8 +572,10 @@ class Orchestrator:
                     e.file_name for e in entries if e.tag == plan.tags[0].name
                 )
         if not self._conf["checksum"]:
-            plans = {key: [dataclasses.replace(p, checksum=False) for p in key_plans]
-                     for key, key_plans in plans.items()}
+            plans = {
+                key: [dataclasses.replace(p, checksum=False) for p in key_plans]
+                for key, key_plans in plans.items()
+            }
         seen: dict[str, int] = {}
         for key, key_plans in plans.items():
             for plan in key_plans:
@@ -607,7 +650,9 @@ class Orchestrator:
             logger.error("%s failed: %s", sink.what, outcome.error)
             logging.getLogger("zarr_orch.failures").info(
                 "%s failed after %d attempt(s); original traceback:\n%s",
-                sink.what, outcome.attempts, outcome.error.traceback,
+                sink.what,
+                outcome.attempts,
+                outcome.error.traceback,
             )
             return None
         receipt: Receipt = outcome.value
@@ -616,8 +661,15 @@ class Orchestrator:
         if final_function is not None and receipt.tile is not None:
             try:
                 tile = final_function(self, receipt.tile)
-                writer = TileSink(sink.key, sink.name, sink.row, sink.col, sink.dataset_type,
-                                  tuple(plans.get(sink.key, ())), sink.keep_tile)
+                writer = TileSink(
+                    sink.key,
+                    sink.name,
+                    sink.row,
+                    sink.col,
+                    sink.dataset_type,
+                    tuple(plans.get(sink.key, ())),
+                    sink.keep_tile,
+                )
                 receipt = writer(tile)
             except Exception as exc:
                 failures.append((sink, TaskError.from_exception(exc)))
@@ -716,8 +768,10 @@ class Orchestrator:
                 _remove(path, self._storage_options)
 
     def __repr__(self) -> str:
-        return (f"Orchestrator(mode={self._conf['mode']!r}, out_dir={self.out_location!r}, "
-                f"run_id={self.run_id!r})")
+        return (
+            f"Orchestrator(mode={self._conf['mode']!r}, out_dir={self.out_location!r}, "
+            f"run_id={self.run_id!r})"
+        )
 
 
 def _terminate_self() -> None:
@@ -736,8 +790,13 @@ def _failure_error(failures: list[tuple[TileSink, TaskError]], done: int) -> Tas
         f"task for {sink.what} failed: {error.exc_type}: {error.message}{others}; "
         f"{done} tile(s) finished and are kept on disk.\n\nOriginal traceback:\n{error.traceback}"
     )
-    exc = TaskFailedError(message, dataset_name=sink.name, row=sink.row, col=sink.col,
-                          original_traceback=error.traceback)
+    exc = TaskFailedError(
+        message,
+        dataset_name=sink.name,
+        row=sink.row,
+        col=sink.col,
+        original_traceback=error.traceback,
+    )
     exc.failures = [(s.name, s.row, s.col, str(e)) for s, e in failures]
     return exc
 

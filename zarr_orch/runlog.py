@@ -7,6 +7,7 @@ and at exit, since objects cannot be appended to.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -35,9 +36,13 @@ def versions() -> dict[str, str]:
     from zarr_orch import __version__
 
     return {
-        "zarr_orch": __version__, "python": platform.python_version(), "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__, "numpy": numpy.__version__,
-        "xarray": xarray.__version__, "dask": dask.__version__,
+        "zarr_orch": __version__,
+        "python": platform.python_version(),
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": numpy.__version__,
+        "xarray": xarray.__version__,
+        "dask": dask.__version__,
     }
 
 
@@ -53,8 +58,7 @@ class _QuietFileHandler(logging.handlers.RotatingFileHandler):
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging API)
         if not self.failed:
             self.failed = True
-            sys.stderr.write(f"zarr_orch: cannot write the run log {self.baseFilename} any "
-                             "more\n")
+            sys.stderr.write(f"zarr_orch: cannot write the run log {self.baseFilename} any more\n")
 
     def flush(self) -> None:
         try:
@@ -125,10 +129,8 @@ class RunLog:
         """Detach the handler, upload a remote copy, remove the local temporary file."""
         self.sync()
         self._logger.removeHandler(self.handler)
-        try:
+        with contextlib.suppress(OSError):  # a full disk must not hide the run's outcome
             self.handler.close()
-        except OSError:
-            pass
         if self._console is not None:
             self._logger.removeHandler(self._console)
         if self._previous_level is not None:

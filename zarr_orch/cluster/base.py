@@ -120,7 +120,7 @@ class AbstractCluster(ABC):
         self.check_task_function(func)
         return self.create_task_wrapped(func, nout)
 
-    def check_task_function(self, func: Callable[..., Any]) -> None:
+    def check_task_function(self, func: Callable[..., Any]) -> None:  # noqa: B027 (optional hook)
         """Refuse functions this mode cannot run (e.g. unpicklable ones across processes)."""
 
     @abstractmethod

@@ -110,9 +110,11 @@ def split_outputs(node: TaskNode, result: Any) -> list[Any]:
     if node.nout == 1:
         return [result]
     if not isinstance(result, tuple | list) or len(result) != node.nout:
-        got = f"{type(result).__name__} of length {len(result)}" if isinstance(
-            result, tuple | list
-        ) else type(result).__name__
+        got = (
+            f"{type(result).__name__} of length {len(result)}"
+            if isinstance(result, tuple | list)
+            else type(result).__name__
+        )
         raise TypeError(
             f"task {node.name!r} was created with nout={node.nout} and must return a tuple "
             f"of {node.nout} values, but returned a {got}"

@@ -113,7 +113,11 @@ class GraphRunner:
                 if attempt <= self.max_retries:
                     logger.warning(
                         "task %s failed (%s: %s), retry %d/%d",
-                        node.name, type(exc).__name__, exc, attempt, self.max_retries,
+                        node.name,
+                        type(exc).__name__,
+                        exc,
+                        attempt,
+                        self.max_retries,
                     )
                     continue
                 self._errors[node.uid] = TaskError.from_exception(exc)

@@ -31,8 +31,19 @@ from zarr_orch.storage.product import (
 logger = logging.getLogger(__name__)
 
 #: extensions of CARS's file formats that are replaced by ``.zarr``
-REPLACED_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".csv", ".laz", ".las",
-                     ".nc", ".h5")
+REPLACED_SUFFIXES = (
+    ".tif",
+    ".tiff",
+    ".jp2",
+    ".vrt",
+    ".img",
+    ".png",
+    ".csv",
+    ".laz",
+    ".las",
+    ".nc",
+    ".h5",
+)
 
 
 def product_location(file_name: str, out_dir: Location) -> Location:
@@ -52,10 +63,14 @@ def product_location(file_name: str, out_dir: Location) -> Location:
     if location.is_local:
         import os
 
-        return Location(os.path.join(os.path.dirname(location.url), stem + ".zarr"), {},
-                        location.settings)
-    return Location(posixpath.join(posixpath.dirname(location.url), stem + ".zarr"),
-                    location.storage_options, location.settings)
+        return Location(
+            os.path.join(os.path.dirname(location.url), stem + ".zarr"), {}, location.settings
+        )
+    return Location(
+        posixpath.join(posixpath.dirname(location.url), stem + ".zarr"),
+        location.storage_options,
+        location.settings,
+    )
 
 
 def build_plans(
@@ -141,9 +156,11 @@ def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[
             "dataset": plan.dataset_name,
             "file_name": file_name,
             "tags": {
-                t.name: {"dtype": str(np.dtype(t.dtype)) if t.dtype else "as computed",
-                         "nodata": t.nodata,
-                         "optional": t.optional}
+                t.name: {
+                    "dtype": str(np.dtype(t.dtype)) if t.dtype else "as computed",
+                    "nodata": t.nodata,
+                    "optional": t.optional,
+                }
                 for t in plan.tags
             },
             "records": [plan.records],
@@ -154,7 +171,8 @@ def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[
             # c + col // tile width) of each tag (zarr_orch.storage.verify reads it)
             "grid_origin": _grid_origin(plan, cars_ds),
             "max_overlaps": [int(v) for v in overlaps.max(axis=(0, 1))]
-            if overlaps is not None and overlaps.size else [0, 0, 0, 0],
+            if overlaps is not None and overlaps.size
+            else [0, 0, 0, 0],
             "created": now_iso(),
         }
     }

@@ -107,14 +107,19 @@ class Lease:
         if holder is not None and holder.get("run_id") != self.run_id:
             alive, why = self._holder_alive(holder)
             if alive:
+                started = time.localtime(holder.get("started", 0))
                 raise LeaseError(
                     f"{self.location.parent.url} is in use by run {holder.get('run_id')} "
                     f"(host {holder.get('host')}, pid {holder.get('pid')}, started "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}"
-                    f"; {why}). Wait for it to finish, stop it, or use another out_dir"
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', started)}; {why}). Wait for it to "
+                    "finish, stop it, or use another out_dir"
                 )
-            logger.warning("taking over the lease of run %s on %s: %s",
-                           holder.get("run_id"), self.location.parent.url, why)
+            logger.warning(
+                "taking over the lease of run %s on %s: %s",
+                holder.get("run_id"),
+                self.location.parent.url,
+                why,
+            )
         self.location.write_text(json.dumps(self._content()))
         check = self.read()
         if check is None or check.get("run_id") != self.run_id:

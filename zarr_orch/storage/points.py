@@ -133,8 +133,9 @@ def write_dict_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str)
     tile_group = group.create_group(tile_group_name(row, col), overwrite=True)
     tile_group.attrs.update({"data": payload, "attrs": attrs_payload})
     nbytes = len(json.dumps(payload))
-    return TileWrite(tags=plan.tag_names, nbytes=nbytes,
-                     record=_record(plan, nbytes, [0] * len(plan.tags)))
+    return TileWrite(
+        tags=plan.tag_names, nbytes=nbytes, record=_record(plan, nbytes, [0] * len(plan.tags))
+    )
 
 
 def _done_sorted(location: Location) -> tuple[zarr.Group, list[tuple[int, int]]]:

@@ -8,11 +8,12 @@ writes the first tile (the main process or a worker) with deterministic metadata
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from functools import cache
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -359,8 +360,9 @@ def crc32c_available() -> bool:
         import zarr.storage as storage
         from zarr.codecs import Crc32cCodec
 
-        array = zarr.create_array(storage.MemoryStore(), shape=(2,), chunks=(2,), dtype="u1",
-                                  compressors=[Crc32cCodec()])
+        array = zarr.create_array(
+            storage.MemoryStore(), shape=(2,), chunks=(2,), dtype="u1", compressors=[Crc32cCodec()]
+        )
         array[:] = 1
         return bool((array[:] == 1).all())
     except Exception as exc:  # an import or codec error: products are written without it
@@ -384,7 +386,7 @@ def _create_array(
         attrs["coordinates"] = " ".join(coords)
     dims = [cst.ROW, cst.COL] if len(shape) == 2 else [cst.BAND, cst.ROW, cst.COL]
     chunks = tuple(plan.chunks) if len(shape) == 2 else (shape[0], *plan.chunks)
-    try:
+    with contextlib.suppress(zarr.errors.ContainsArrayError):  # created first by another writer
         group.create_array(
             tag.name,
             shape=shape,
@@ -396,8 +398,6 @@ def _create_array(
             compressors=compressors_for(plan.codec, plan.checksum),
             overwrite=False,
         )
-    except zarr.errors.ContainsArrayError:
-        pass  # another writer created it first, from the same plan
 
 
 def _ensure_coordinates(
@@ -419,8 +419,14 @@ def _ensure_coordinates(
             return
         try:
             array = group.create_array(
-                name, shape=values.shape, chunks=values.shape or (), dtype=values.dtype,
-                dimension_names=dims, attributes=attrs, overwrite=False, fill_value=0,
+                name,
+                shape=values.shape,
+                chunks=values.shape or (),
+                dtype=values.dtype,
+                dimension_names=dims,
+                attributes=attrs,
+                overwrite=False,
+                fill_value=0,
             )
             array[...] = values
         except zarr.errors.ContainsArrayError:

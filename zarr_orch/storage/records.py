@@ -80,8 +80,9 @@ def record_bytes(nbytes: int, crcs: Sequence[int]) -> bytes:
     return np.array([1, int(time.time() * 1000), nbytes, *crcs], dtype="<u8").tobytes()
 
 
-def record_tile(store: Any, name: str, row: int, col: int, nbytes: int,
-                crcs: Sequence[int]) -> None:
+def record_tile(
+    store: Any, name: str, row: int, col: int, nbytes: int, crcs: Sequence[int]
+) -> None:
     """Mark tile (row, col) done: one whole-chunk write, to be made after its data.
 
     The chunk is encoded here and handed to the store directly: the records array has no
@@ -101,13 +102,13 @@ def done_tiles(store: Any, name: str) -> set[tuple[int, int]]:
     if root is not None and os.path.isdir(os.path.join(str(root), prefix)):
         return _done_tiles_local(os.path.join(str(root), prefix))
     for key in list_keys(store, prefix):
-        parts = key[len(prefix):].split("/")
+        parts = key[len(prefix) :].split("/")
         if len(parts) != 3:
             continue
         try:
             done.add((int(parts[0]), int(parts[1])))
         except ValueError:  # a stray file in the product: not a record (zarr-orch verify)
-            logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix):])
+            logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix) :])
     return done
 
 

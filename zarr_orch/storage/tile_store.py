@@ -38,7 +38,11 @@ def create_tile_descriptions(group: Any, plan: ProductPlan) -> None:
     if name in meta:
         return
     meta.create_array(
-        name, shape=plan.grid_shape, chunks=(1, 1), dtype=str, fill_value="",
+        name,
+        shape=plan.grid_shape,
+        chunks=(1, 1),
+        dtype=str,
+        fill_value="",
         dimension_names=["tile_row", "tile_col"],
         attributes={"description": "JSON description of each replaced tile (attrs, variables)"},
         overwrite=False,
@@ -69,8 +73,9 @@ def describe_tile(plan: ProductPlan, tile: xr.Dataset) -> str:
         entry = {"dims": list(coord.dims), "dtype": str(values.dtype)}
         if values.ndim == 1 and values.dtype.kind in "iuf" and values.size:
             step = float(values[1] - values[0]) if values.size > 1 else 1.0
-            entry.update(start=float(values[0]), step=step, size=int(values.size),
-                         crc=checksum(values))
+            entry.update(
+                start=float(values[0]), step=step, size=int(values.size), crc=checksum(values)
+            )
         else:
             entry["crc"] = None  # not an evenly spaced axis: the tile will be recomputed
         coords[name] = entry
@@ -82,8 +87,12 @@ def write_tile_description(plan: ProductPlan, tile: xr.Dataset, row: int, col: i
     """Store the tile's description (before its completion record)."""
     from zarr_orch.storage.product import _cached, _group
 
-    array = _cached("tiles", plan.location, tiles_array_name(plan),
-                    lambda: _group(plan.location)[f"{META_GROUP}/{tiles_array_name(plan)}"])
+    array = _cached(
+        "tiles",
+        plan.location,
+        tiles_array_name(plan),
+        lambda: _group(plan.location)[f"{META_GROUP}/{tiles_array_name(plan)}"],
+    )
     array[row, col] = describe_tile(plan, tile)
 
 
@@ -192,9 +201,7 @@ def _rebuild_coords(entries: dict[str, Any]) -> dict[str, Any] | None:
     for name, entry in entries.items():
         if entry.get("crc") is None:
             return None
-        values = (entry["start"] + entry["step"] * np.arange(entry["size"])).astype(
-            entry["dtype"]
-        )
+        values = (entry["start"] + entry["step"] * np.arange(entry["size"])).astype(entry["dtype"])
         if checksum(values) != entry["crc"]:
             return None
         coords[name] = (tuple(entry["dims"]), values)
@@ -202,7 +209,11 @@ def _rebuild_coords(entries: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _covered(
-    plan: ProductPlan, row: int, col: int, window: dict, box: tuple[int, int, int, int],
+    plan: ProductPlan,
+    row: int,
+    col: int,
+    window: dict,
+    box: tuple[int, int, int, int],
     done: set[tuple[int, int]],
 ) -> bool:
     """True when every tile whose chunk the expanded window touches is recorded done."""

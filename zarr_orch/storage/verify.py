@@ -57,8 +57,15 @@ MISSING_GROUP = "missing tile group"
 MALFORMED = "malformed record"
 UNREADABLE = "unreadable product"
 #: every problem kind, as the first words of `BadTile.problem`
-PROBLEM_KINDS = (MISMATCH, MISSING_CHUNK, UNDECODABLE, MISSING_ARRAY, MISSING_GROUP, MALFORMED,
-                 UNREADABLE)
+PROBLEM_KINDS = (
+    MISMATCH,
+    MISSING_CHUNK,
+    UNDECODABLE,
+    MISSING_ARRAY,
+    MISSING_GROUP,
+    MALFORMED,
+    UNREADABLE,
+)
 
 #: records (and at most as many tiles) read per batch: one concurrent round of GETs
 BATCH = 256
@@ -126,8 +133,10 @@ class VerifyReport:
                 "pipeline (resume on) to recompute exactly those tiles"
             )
         elif not self.ok:
-            lines.append("run again with repair (zarr-orch verify --repair) to forget the records "
-                         "of these tiles, then rerun the pipeline to recompute them")
+            lines.append(
+                "run again with repair (zarr-orch verify --repair) to forget the records "
+                "of these tiles, then rerun the pipeline to recompute them"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,8 +175,9 @@ def verify_product(
     if repair:
         checker.repair(report)
     report.seconds = time.perf_counter() - start
-    logger.info("verified %s: %d records, %d problem(s)", location.url, report.checked,
-                len(report.bad))
+    logger.info(
+        "verified %s: %d records, %d problem(s)", location.url, report.checked, len(report.bad)
+    )
     return report
 
 
@@ -190,8 +200,10 @@ class _ProductChecker:
         self.grid_shape = tuple(int(v) for v in info.get("tile_grid_shape") or ())
         origin = info.get("grid_origin") or [0, 0]
         tile = info.get("tile_size") or [1, 1]
-        self.offset = (int(origin[0]) // max(1, int(tile[0])),
-                       int(origin[1]) // max(1, int(tile[1])))
+        self.offset = (
+            int(origin[0]) // max(1, int(tile[0])),
+            int(origin[1]) // max(1, int(tile[1])),
+        )
         self._arrays: dict[str, Any] = {}
         #: records to delete on repair: {records name: {(row, col)}}, plus raw stray keys
         self.forget: dict[str, set[tuple[int, int]]] = {}
@@ -205,8 +217,9 @@ class _ProductChecker:
             if tags is None:
                 continue
             for batch in _batches(self._records(name, tags, report), self._batch_size(tags)):
-                for record, problems in zip(batch, self._check_batch(name, tags, batch),
-                                            strict=True):
+                for record, problems in zip(
+                    batch, self._check_batch(name, tags, batch), strict=True
+                ):
                     report.checked += 1
                     for tag, problem in problems:
                         self._bad(report, name, record.row, record.col, tag, problem)
@@ -216,8 +229,9 @@ class _ProductChecker:
         """Tiles read at once: as many as fit `BATCH_BYTES` of decoded chunks (1..BATCH)."""
         if self.kind != cst.CARS_DS_TYPE_ARRAY:
             return BATCH
-        names = tags if tags != ("*",) else [
-            n for n in self._member_arrays() if n not in _COORDINATES]
+        names = (
+            tags if tags != ("*",) else [n for n in self._member_arrays() if n not in _COORDINATES]
+        )
         nbytes = 0
         for tag in names:
             array = self._array(tag)
@@ -231,8 +245,15 @@ class _ProductChecker:
         except Exception:  # reported per tile when the arrays are read
             return []
 
-    def _bad(self, report: VerifyReport, name: str, row: int | None, col: int | None, tag: str,
-             problem: str) -> None:
+    def _bad(
+        self,
+        report: VerifyReport,
+        name: str,
+        row: int | None,
+        col: int | None,
+        tag: str,
+        problem: str,
+    ) -> None:
         report.bad.append(BadTile(self.url, row, col, tag, problem))
         if row is not None and col is not None:
             self.forget.setdefault(name, set()).add((row, col))
@@ -248,8 +269,12 @@ class _ProductChecker:
                 report.repaired.append((self.url, row, col))
         for key in self.stray_keys:
             delete_key(store, key)
-        logger.warning("%s: forgot the records of %d tile(s) (and %d stray key(s)); a rerun "
-                       "recomputes them", self.url, len(report.repaired), len(self.stray_keys))
+        logger.warning(
+            "%s: forgot the records of %d tile(s) (and %d stray key(s)); a rerun recomputes them",
+            self.url,
+            len(report.repaired),
+            len(self.stray_keys),
+        )
 
     # -- records ----------------------------------------------------------------------------------
     def _records_names(self, report: VerifyReport) -> list[str]:
@@ -261,12 +286,25 @@ class _ProductChecker:
         except KeyError:
             found = []
             if names:
-                self._bad(report, "", None, None, "",
-                          f"{MALFORMED}: the {rec.META_GROUP} group holding the records is gone")
+                self._bad(
+                    report,
+                    "",
+                    None,
+                    None,
+                    "",
+                    f"{MALFORMED}: the {rec.META_GROUP} group holding the records is gone",
+                )
         except Exception as exc:
             found = []
-            self._bad(report, "", None, None, "", f"{MALFORMED}: the {rec.META_GROUP} group "
-                      f"cannot be read ({type(exc).__name__}: {exc})")
+            self._bad(
+                report,
+                "",
+                None,
+                None,
+                "",
+                f"{MALFORMED}: the {rec.META_GROUP} group "
+                f"cannot be read ({type(exc).__name__}: {exc})",
+            )
         return list(dict.fromkeys([*names, *sorted(found)]))
 
     def _records_layout(self, name: str, report: VerifyReport) -> tuple[str, ...] | None:
@@ -275,12 +313,24 @@ class _ProductChecker:
         try:
             array = zarr.open_array(self.store, path=path, mode="r", zarr_format=3)
         except FileNotFoundError:
-            self._bad(report, name, None, None, "",
-                      f"{MALFORMED}: records array {path} is declared but missing")
+            self._bad(
+                report,
+                name,
+                None,
+                None,
+                "",
+                f"{MALFORMED}: records array {path} is declared but missing",
+            )
             return None
         except Exception as exc:
-            self._bad(report, name, None, None, "", f"{MALFORMED}: records array {path} cannot "
-                      f"be opened ({type(exc).__name__}: {exc})")
+            self._bad(
+                report,
+                name,
+                None,
+                None,
+                "",
+                f"{MALFORMED}: records array {path} cannot be opened ({type(exc).__name__}: {exc})",
+            )
             return None
         tags = array.attrs.get("tags")
         fields = array.attrs.get("fields")
@@ -294,8 +344,10 @@ class _ProductChecker:
         elif tuple(array.chunks) != (1, 1, len(fields)) or array.shape[2] != len(fields):
             why = f"its shape {array.shape} / chunks {array.chunks} are not one record per tile"
         elif self.grid_shape and tuple(array.shape[:2]) != self.grid_shape:
-            why = (f"it covers {tuple(array.shape[:2])} tiles but the product's tile grid is "
-                   f"{self.grid_shape}")
+            why = (
+                f"it covers {tuple(array.shape[:2])} tiles but the product's tile grid is "
+                f"{self.grid_shape}"
+            )
         if why:
             self._bad(report, name, None, None, "", f"{MALFORMED}: records array {path}: {why}")
             return None
@@ -307,15 +359,16 @@ class _ProductChecker:
         nfields = len(rec.BASE_FIELDS) + len(tags)
         tiles: list[tuple[int, int]] = []
         for key in list_keys(self.store, prefix):
-            parts = key[len(prefix):].split("/")
+            parts = key[len(prefix) :].split("/")
             try:
                 row, col, last = (int(p) for p in parts)
             except ValueError:
                 last = -1
             if len(parts) != 3 or last != 0:
                 report.checked += 1
-                self._bad(report, name, None, None, "",
-                          f"{MALFORMED}: stray key {key} among the records")
+                self._bad(
+                    report, name, None, None, "", f"{MALFORMED}: stray key {key} among the records"
+                )
                 self.stray_keys.append(key)
                 continue
             tiles.append((row, col))
@@ -325,8 +378,9 @@ class _ProductChecker:
             for (row, col), raw in zip(batch, raws, strict=True):
                 problem = None
                 values: np.ndarray | None = None
-                if self.grid_shape and not (0 <= row < self.grid_shape[0]
-                                            and 0 <= col < self.grid_shape[1]):
+                if self.grid_shape and not (
+                    0 <= row < self.grid_shape[0] and 0 <= col < self.grid_shape[1]
+                ):
                     problem = f"tile outside the {self.grid_shape} tile grid"
                 elif raw is None:
                     problem = "vanished while being checked"
@@ -340,11 +394,12 @@ class _ProductChecker:
                     report.checked += 1
                     self._bad(report, name, row, col, "", f"{MALFORMED}: {problem}")
                     continue
-                yield _Record(row, col, tuple(int(v) for v in values[len(rec.BASE_FIELDS):]))
+                yield _Record(row, col, tuple(int(v) for v in values[len(rec.BASE_FIELDS) :]))
 
     # -- tiles ------------------------------------------------------------------------------------
-    def _check_batch(self, name: str, tags: tuple[str, ...], batch: list[_Record]
-                     ) -> list[list[tuple[str, str]]]:
+    def _check_batch(
+        self, name: str, tags: tuple[str, ...], batch: list[_Record]
+    ) -> list[list[tuple[str, str]]]:
         """[(tag, problem)] of each record of `batch`."""
         if self.kind == cst.CARS_DS_TYPE_ARRAY:
             if tags == ("*",):
@@ -406,8 +461,13 @@ class _ProductChecker:
             try:
                 values = np.ascontiguousarray(await async_array.getitem(index))
             except Exception as exc:
-                return _Read(None, key, stored, f"{UNDECODABLE}: chunk {key} cannot be decoded "
-                             f"({type(exc).__name__}: {_short(exc)})")
+                return _Read(
+                    None,
+                    key,
+                    stored,
+                    f"{UNDECODABLE}: chunk {key} cannot be decoded "
+                    f"({type(exc).__name__}: {_short(exc)})",
+                )
             return _Read(values, key, stored, None)
 
         async def all_of() -> list[_Read]:
@@ -415,8 +475,9 @@ class _ProductChecker:
 
         return sync(all_of())
 
-    def _check_arrays(self, tags: tuple[str, ...], batch: list[_Record]
-                      ) -> list[list[tuple[str, str]]]:
+    def _check_arrays(
+        self, tags: tuple[str, ...], batch: list[_Record]
+    ) -> list[list[tuple[str, str]]]:
         problems: list[list[tuple[str, str]]] = [[] for _ in batch]
         for position, tag in enumerate(tags):
             wanted = [k for k, r in enumerate(batch) if r.crcs[position] != 0]
@@ -428,8 +489,7 @@ class _ProductChecker:
                     problems[k].append((tag, problem))
         return problems
 
-    def _check_all_variables(self, name: str, batch: list[_Record]
-                             ) -> list[list[tuple[str, str]]]:
+    def _check_all_variables(self, name: str, batch: list[_Record]) -> list[list[tuple[str, str]]]:
         """Intermediate products: one CRC over the CRCs of the tile's raster variables, in
         the tile's variable order, read from the tile description the writer stores before
         the record (``<records>_tiles``, see `zarr_orch.storage.tile_store`)."""
@@ -440,21 +500,30 @@ class _ProductChecker:
                 text = self.group[f"{rec.META_GROUP}/{name}_tiles"][record.row, record.col]
                 desc = json.loads(str(text)) if text else None
             except Exception as exc:
-                problems[k].append(("*", f"{MALFORMED}: the tile description cannot be read "
-                                         f"({type(exc).__name__}: {_short(exc)})"))
+                problems[k].append(
+                    (
+                        "*",
+                        f"{MALFORMED}: the tile description cannot be read "
+                        f"({type(exc).__name__}: {_short(exc)})",
+                    )
+                )
                 names.append(None)
                 continue
             if not desc:
                 problems[k].append(("*", f"{MALFORMED}: recorded tile has no tile description"))
                 names.append(None)
                 continue
-            names.append([n for n, e in (desc.get("variables") or {}).items()
-                          if e.get("saved") and len(e.get("dims") or ()) in (2, 3)])
+            names.append(
+                [
+                    n
+                    for n, e in (desc.get("variables") or {}).items()
+                    if e.get("saved") and len(e.get("dims") or ()) in (2, 3)
+                ]
+            )
         reads: dict[tuple[str, int], _Read] = {}
         for var in dict.fromkeys(v for vs in names if vs for v in vs):
             users = [k for k, vs in enumerate(names) if vs and var in vs]
-            for k, read in zip(users, self._read_many(var, [batch[k] for k in users]),
-                               strict=True):
+            for k, read in zip(users, self._read_many(var, [batch[k] for k in users]), strict=True):
                 reads[(var, k)] = read
         for k, record in enumerate(batch):
             if names[k] is None:
@@ -470,11 +539,20 @@ class _ProductChecker:
                 continue
             absent = [r.key for _, r in tile_reads if not r.stored]
             if absent:
-                problems[k].append(("*", f"{MISSING_CHUNK}: {', '.join(absent)} absent and the "
-                                         "tile does not match its record"))
+                problems[k].append(
+                    (
+                        "*",
+                        f"{MISSING_CHUNK}: {', '.join(absent)} absent and the "
+                        "tile does not match its record",
+                    )
+                )
             else:
-                problems[k].append(("*", f"{MISMATCH}: the variables {', '.join(names[k])} do "
-                                         "not match the record"))
+                problems[k].append(
+                    (
+                        "*",
+                        f"{MISMATCH}: the variables {', '.join(names[k])} do not match the record",
+                    )
+                )
         return problems
 
     def _check_subgroup(self, record: _Record) -> list[tuple[str, str]]:
@@ -497,16 +575,26 @@ class _ProductChecker:
             if "pairs" in tile_group.attrs:
                 parts = [tile_group[p] for p in tile_group.attrs["pairs"]]
         except Exception as exc:
-            return [("", f"{MISSING_GROUP}: a pair sub-group of {name} cannot be opened "
-                         f"({type(exc).__name__}: {_short(exc)})")]
+            return [
+                (
+                    "",
+                    f"{MISSING_GROUP}: a pair sub-group of {name} cannot be opened "
+                    f"({type(exc).__name__}: {_short(exc)})",
+                )
+            ]
         crcs = []
         for part in parts:
             for column in part.attrs.get("columns", []):
                 try:
                     values = np.asarray(part[str(column)][:])
                 except Exception as exc:
-                    return [(str(column), f"{UNDECODABLE}: {name} column {column!r} cannot be "
-                                          f"read ({type(exc).__name__}: {_short(exc)})")]
+                    return [
+                        (
+                            str(column),
+                            f"{UNDECODABLE}: {name} column {column!r} cannot be "
+                            f"read ({type(exc).__name__}: {_short(exc)})",
+                        )
+                    ]
                 if values.dtype.kind not in "USTOV":  # the writer checksums numeric columns
                     crcs.append(rec.checksum(values))
         expected = record.crcs[0] if record.crcs else 0
@@ -534,10 +622,14 @@ def _crc_problem(read: _Read, crc: int) -> str | None:
     if not read.stored:
         if _fill_variant_matches(read.values, crc):
             return None
-        return (f"{MISSING_CHUNK}: {read.key} is absent but the record says data was written "
-                "(it does not read back as all nodata)")
-    return f"{MISMATCH}: chunk {read.key} reads back with crc32 {got:#010x}, the record says " \
-           f"{crc:#010x}"
+        return (
+            f"{MISSING_CHUNK}: {read.key} is absent but the record says data was written "
+            "(it does not read back as all nodata)"
+        )
+    return (
+        f"{MISMATCH}: chunk {read.key} reads back with crc32 {got:#010x}, the record says "
+        f"{crc:#010x}"
+    )
 
 
 def _fill_variant_matches(values: np.ndarray, crc: int) -> bool:
@@ -629,8 +721,11 @@ def _subdirectories(location: Location) -> list[str]:
         entries = location.fs.ls(location.fs_path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    names = [posixpath.basename(str(e["name"]).rstrip("/")) for e in entries
-             if e.get("type") == "directory"]
+    names = [
+        posixpath.basename(str(e["name"]).rstrip("/"))
+        for e in entries
+        if e.get("type") == "directory"
+    ]
     return sorted(n for n in names if n)
 
 
