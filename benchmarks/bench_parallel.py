@@ -38,9 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiles
 
 import zarr_orch
-from zarr_orch import CarsDataset, Orchestrator
+from zarr_orch import Orchestrator
 from zarr_orch.cluster.base import AbstractCluster
-from zarr_orch.data.tiling import window_array_to_dict
 
 
 class PeakRSS:
@@ -85,20 +84,7 @@ def case_zarr_orch(mode: str, size: int, tile: int, codec: str, out: str) -> Cal
     orch = Orchestrator(conf, out_dir=out)  # cluster start is setup, not measured
 
     def run() -> None:
-        ds = CarsDataset("arrays", name="mean")
-        ds.tiling_grid = zarr_orch.generate_tiling_grid(0, 0, size, size, tile, tile)
-        orch.add_to_save_lists("mean.zarr", "mean", ds, dtype="float32", nodata=-9999)
-        [info] = orch.get_saving_infos([ds])
-        task = orch.cluster.create_task(tiles.orch_tile)
-        rows, cols = ds.shape
-        for r in range(rows):
-            for c in range(cols):
-                ds[r, c] = task(
-                    window_array_to_dict(ds.tiling_grid[r, c]),
-                    zarr_orch.update_saving_infos(info, row=r, col=c),
-                    (size, size),
-                )
-        orch.breakpoint()
+        tiles.save_mean(orch, "mean.zarr", size, tile)
 
     run.close = lambda: orch.__exit__(None, None, None)  # type: ignore[attr-defined]
     return run

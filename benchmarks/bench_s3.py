@@ -36,10 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tiles
 
-import zarr_orch
-from zarr_orch import CarsDataset, Orchestrator
+from zarr_orch import Orchestrator
 from zarr_orch.cluster.base import AbstractCluster
-from zarr_orch.data.tiling import window_array_to_dict
 
 HOST = "127.0.0.1"
 KEY, SECRET = "benchkey", "benchsecret"
@@ -125,22 +123,7 @@ def case_orch(mode: str, size: int, tile: int, url: str, options: dict[str, Any]
     return run
 
 
-def save_mean(orch: Orchestrator, file_name: str, size: int, tile: int) -> None:
-    """Register the mean raster (one saved tag) and run the breakpoint."""
-    ds = CarsDataset("arrays", name="mean")
-    ds.tiling_grid = zarr_orch.generate_tiling_grid(0, 0, size, size, tile, tile)
-    orch.add_to_save_lists(file_name, "mean", ds, dtype="float32", nodata=-9999)
-    [info] = orch.get_saving_infos([ds])
-    task = orch.cluster.create_task(tiles.orch_tile)
-    rows, cols = ds.shape
-    for r in range(rows):
-        for c in range(cols):
-            ds[r, c] = task(
-                window_array_to_dict(ds.tiling_grid[r, c]),
-                zarr_orch.update_saving_infos(info, row=r, col=c),
-                (size, size),
-            )
-    orch.breakpoint()
+save_mean = tiles.save_mean
 
 
 def check(url: str, options: dict[str, Any], size: int, tile: int) -> None:

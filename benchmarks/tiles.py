@@ -6,6 +6,8 @@ at its seams whoever computes it, and results can be compared across executors.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import xarray as xr
 
@@ -53,3 +55,25 @@ def block_tile(block: np.ndarray, block_info: dict | None = None, shape=None) ->
     """dask map_blocks task: the same mean tile for the block's location."""
     (r0, r1), (c0, c1) = block_info[None]["array-location"]
     return mean_tile(r0, r1, c0, c1, *shape)
+
+
+def save_mean(orch: Any, file_name: str, size: int, tile: int) -> None:
+    """Register the mean raster (one saved tag, CARS style) and run the breakpoint."""
+    import zarr_orch
+    from zarr_orch import CarsDataset
+    from zarr_orch.data.tiling import window_array_to_dict
+
+    ds = CarsDataset("arrays", name="mean")
+    ds.tiling_grid = zarr_orch.generate_tiling_grid(0, 0, size, size, tile, tile)
+    orch.add_to_save_lists(file_name, "mean", ds, dtype="float32", nodata=-9999)
+    [info] = orch.get_saving_infos([ds])
+    task = orch.cluster.create_task(orch_tile)
+    rows, cols = ds.shape
+    for r in range(rows):
+        for c in range(cols):
+            ds[r, c] = task(
+                window_array_to_dict(ds.tiling_grid[r, c]),
+                zarr_orch.update_saving_infos(info, row=r, col=c),
+                (size, size),
+            )
+    orch.breakpoint()

@@ -24,7 +24,7 @@ from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import FORMAT_NAME, FORMAT_VERSION
+from zarr_orch.storage.product import product_info
 
 logger = logging.getLogger(__name__)
 
@@ -49,30 +49,10 @@ def read_product_info(location: Location) -> dict[str, Any]:
         raise ProductError(f"cannot access {location.url}: {type(exc).__name__}: {exc}") from None
     if not exists:
         raise ProductError(f"{location.url} does not exist")
-    store = location.zarr_store(read_only=True)
-    try:
-        group = zarr.open_group(store, mode="r", zarr_format=3)
-    except FileNotFoundError:
-        raise ProductError(
-            f"no zarr_orch product at {location.url} (not a Zarr v3 group)"
-        ) from None
-    except Exception as exc:
-        raise ProductError(
-            f"no zarr_orch product at {location.url} (not a Zarr v3 group: {type(exc).__name__})"
-        ) from None
-    info = group.attrs.get("zarr_orch")
-    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-        raise ProductError(
-            f"{location.url} is a Zarr group but not a zarr_orch product "
-            "(no zarr_orch.format attribute)"
-        )
-    version = info.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise ProductError(
-            f"{location.url} was written by a newer zarr_orch (format version {version}; this "
-            f"zarr_orch reads up to {FORMAT_VERSION}): upgrade zarr_orch to read it"
-        )
-    return dict(info)
+    info = product_info(location, reading=True)
+    if info is None:
+        raise ProductError(f"no zarr_orch product at {location.url} (not a Zarr v3 group)")
+    return info
 
 
 # -- completion records ---------------------------------------------------------------------------

@@ -122,8 +122,13 @@ def split_outputs(node: TaskNode, result: Any) -> list[Any]:
     return list(result)
 
 
-def topological_nodes(roots: list[Delayed]) -> list[TaskNode]:
-    """Every node needed by `roots`, dependencies first (iterative, no recursion limit)."""
+def topological_nodes(
+    roots: list[Delayed], skip: Callable[[int], bool] | None = None
+) -> list[TaskNode]:
+    """Every node needed by `roots`, dependencies first (iterative, no recursion limit).
+
+    The walk stops at nodes for which ``skip(uid)`` is true (e.g. results already held).
+    """
     order: list[TaskNode] = []
     seen: set[int] = set()
     for root in roots:
@@ -133,7 +138,7 @@ def topological_nodes(roots: list[Delayed]) -> list[TaskNode]:
             if expanded:
                 order.append(node)
                 continue
-            if node.uid in seen:
+            if node.uid in seen or (skip is not None and skip(node.uid)):
                 continue
             seen.add(node.uid)
             stack.append((node, True))
@@ -141,3 +146,24 @@ def topological_nodes(roots: list[Delayed]) -> list[TaskNode]:
                 if dep.node.uid not in seen:
                     stack.append((dep.node, False))
     return order
+
+
+class GraphTasks:
+    """Mixin of the in-house clusters: tasks are nodes of this module's lazy graph."""
+
+    def create_task_wrapped(self, func: Callable[..., Any], nout: int = 1) -> Callable[..., Any]:
+        """A builder of lazy `Delayed` calls of `func`."""
+
+        def builder(*args: Any, **kwargs: Any) -> Delayed | tuple[Delayed, ...]:
+            return make_delayed(func, args, kwargs, nout)
+
+        builder.__name__ = getattr(func, "__name__", "task")
+        return builder
+
+    def get_delayed_type(self) -> type:
+        """Lazy objects are `zarr_orch.cluster.graph.Delayed`."""
+        return Delayed
+
+    def attach_sink(self, delayed: Delayed, sink: Callable[[Any], Any]) -> Delayed:
+        """A node applying `sink` to `delayed`'s value, fused: it runs in the same process."""
+        return Delayed(TaskNode(sink, (delayed,), {}, nout=1, fused=True), None)

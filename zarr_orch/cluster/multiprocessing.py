@@ -40,8 +40,8 @@ import psutil
 from zarr_orch.cluster.base import AbstractCluster, Option, Outcome, TaskError
 from zarr_orch.cluster.graph import (
     Delayed,
+    GraphTasks,
     TaskNode,
-    make_delayed,
     split_outputs,
     substitute,
     topological_nodes,
@@ -475,7 +475,7 @@ class _WorkerSet:
 
 
 @AbstractCluster.register("multiprocessing", "mp")
-class MultiprocessingCluster(AbstractCluster):
+class MultiprocessingCluster(GraphTasks, AbstractCluster):
     """Runs task graphs on a set of local worker processes, with retries, timeouts, RAM caps."""
 
     IN_PROCESS = False
@@ -544,23 +544,6 @@ class MultiprocessingCluster(AbstractCluster):
                 f"{exc}); define it at module level in an importable module (not a lambda, "
                 "a nested function or a local class), or use mode 'sequential'"
             ) from exc
-
-    def create_task_wrapped(self, func: Callable[..., Any], nout: int = 1) -> Callable[..., Any]:
-        """A builder of lazy `Delayed` calls of `func`."""
-
-        def builder(*args: Any, **kwargs: Any) -> Delayed | tuple[Delayed, ...]:
-            return make_delayed(func, args, kwargs, nout)
-
-        builder.__name__ = getattr(func, "__name__", "task")
-        return builder
-
-    def get_delayed_type(self) -> type:
-        """Lazy objects are `zarr_orch.cluster.graph.Delayed`."""
-        return Delayed
-
-    def attach_sink(self, delayed: Delayed, sink: Callable[[Any], Any]) -> Delayed:
-        """A node applying `sink` to `delayed`'s value in the worker that computed it."""
-        return Delayed(TaskNode(sink, (delayed,), {}, nout=1, fused=True), None)
 
     def scatter(self, data: Any, broadcast: bool = True) -> ScatterHandle:
         """Pickle `data` once to a local scratch file; each worker loads it once, on first use."""

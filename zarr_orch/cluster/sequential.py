@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.cluster.graph import (
     Delayed,
+    GraphTasks,
     TaskNode,
-    make_delayed,
     split_outputs,
     substitute,
     topological_nodes,
@@ -66,22 +66,9 @@ class GraphRunner:
         Stopping there matters: a node whose value was already consumed and released must
         never run again (it would release its own inputs a second time).
         """
-        order: list[TaskNode] = []
-        seen: set[int] = set()
-        stack: list[tuple[TaskNode, bool]] = [(root.node, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
-                continue
-            uid = node.uid
-            if uid in seen or uid in self._results or uid in self._errors:
-                continue
-            seen.add(uid)
-            stack.append((node, True))
-            for dep in reversed(node.dependencies()):
-                stack.append((dep.node, False))
-        return order
+        return topological_nodes(
+            [root], skip=lambda uid: uid in self._results or uid in self._errors
+        )
 
     def _output(self, delayed: Delayed) -> Any:
         outputs = self._results[delayed.node.uid]
@@ -128,29 +115,11 @@ class GraphRunner:
 
 
 @AbstractCluster.register("sequential")
-class SequentialCluster(AbstractCluster):
+class SequentialCluster(GraphTasks, AbstractCluster):
     """Runs tasks one by one in the main process when their futures are iterated."""
 
     CONF_OPTIONS = {}
     IN_PROCESS = True
-
-    def create_task_wrapped(self, func: Callable[..., Any], nout: int = 1) -> Callable[..., Any]:
-        """A builder of lazy `Delayed` calls of `func`."""
-
-        def builder(*args: Any, **kwargs: Any) -> Delayed | tuple[Delayed, ...]:
-            return make_delayed(func, args, kwargs, nout)
-
-        builder.__name__ = getattr(func, "__name__", "task")
-        return builder
-
-    def get_delayed_type(self) -> type:
-        """Lazy objects are `zarr_orch.cluster.graph.Delayed`."""
-        return Delayed
-
-    def attach_sink(self, delayed: Delayed, sink: Callable[[Any], Any]) -> Delayed:
-        """A node applying `sink` to `delayed`'s value (fused: same process)."""
-        node = TaskNode(sink, (delayed,), {}, nout=1, fused=True)
-        return Delayed(node, None)
 
     def start_tasks(self, task_list: list[Any]) -> list[SequentialFuture]:
         """Wrap the tasks; nothing runs until `future_iterator` is consumed."""

@@ -152,31 +152,41 @@ def _group(location: Location) -> zarr.Group:
 # -- preparing a product (main process, before tasks start) ---------------------------------------
 
 
-def product_info(location: Location) -> dict[str, Any] | None:
-    """The zarr_orch attributes of the product at `location`, None when nothing is there."""
+def product_info(location: Location, reading: bool = False) -> dict[str, Any] | None:
+    """The zarr_orch attributes of the product at `location`, None when nothing is there.
+
+    Anything else than a zarr_orch product of a format this version knows is refused; the
+    messages say what to do, for a writer (choose another name) or a reader.
+    """
     store = location.zarr_store(read_only=True)
     try:
         group = zarr.open_group(store, mode="r", zarr_format=3)
     except FileNotFoundError:
         return None
     except Exception as exc:  # zarr v2 data, a file, garbage: refuse rather than touch it
+        what = f"not a Zarr v3 group ({type(exc).__name__}: {exc})"
         raise ProductError(
-            f"{location.url} exists but is not a Zarr v3 group ({type(exc).__name__}: {exc}); "
-            "choose another file name or remove it"
+            f"no zarr_orch product at {location.url} ({what})"
+            if reading
+            else f"{location.url} exists but is {what}; choose another file name or remove it"
         ) from None
     info = group.attrs.get("zarr_orch")
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
         raise ProductError(
-            f"{location.url} is a Zarr group that zarr_orch did not write; refusing to write "
-            "into it: choose another file name or remove it"
+            f"{location.url} is a Zarr group but not a zarr_orch product (no zarr_orch.format "
+            "attribute)"
+            if reading
+            else f"{location.url} is a Zarr group that zarr_orch did not write; refusing to "
+            "write into it: choose another file name or remove it"
         )
     version = info.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
         raise ProductError(
-            f"{location.url} was written by a newer zarr_orch (format version {version}, this "
-            f"one reads up to {FORMAT_VERSION}); upgrade zarr_orch to use it"
+            f"{location.url} was written by a newer zarr_orch (format version {version}; this "
+            f"zarr_orch reads up to {FORMAT_VERSION}): upgrade zarr_orch to "
+            + ("read it" if reading else "use it")
         )
-    return info
+    return dict(info)
 
 
 def product_differences(plan: ProductPlan, components: dict[str, Any]) -> list[str]:
