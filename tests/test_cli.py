@@ -216,6 +216,11 @@ def test_status_of_a_half_finished_run(
     code, out, _ = cli(capsys, "status", partial_out)
     assert code == 0
     assert "7/8" in out and "failed" in out and "1 failed" in out  # and the run statistics
+    # it points to the run's log, which holds the failed tile's traceback
+    log_line = next(line for line in out.splitlines() if line.strip().startswith("log: "))
+    log_file = Path(log_line.split("log: ", 1)[1].strip())
+    assert log_file.parent == partial_out / "logs" and "Traceback" in log_file.read_text()
+    assert f"failed: tile ({FAILING[0]}, {FAILING[1]})" in out
     code, out, _ = cli(capsys, "status", partial_out / "dsm.zarr", "--json")
     payload = json.loads(out)
     assert payload["tiles"][FAILING[0]][FAILING[1]] == "failed"

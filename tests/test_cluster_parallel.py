@@ -234,9 +234,9 @@ def test_hung_task_times_out(cluster: AbstractCluster, tmp_path: Any) -> None:
     seconds = 6 if cluster.kind == "dask" else 60
     settle(cluster)
     owner = cluster
+    before = descendants()  # before the new cluster: its workers start at construction
     if isinstance(cluster, MultiprocessingCluster):  # no retries: one 2 s timeout suffices
         owner = new_cluster(cluster.kind, max_retries=0)
-    before = descendants()
     try:
         tasks = [owner.create_task(ct.hang)(seconds)]
         tasks += [owner.create_task(ct.inc)(i) for i in range(3)]

@@ -287,3 +287,33 @@ def test_second_ctrl_c_stops_at_once(tmp_path, reference):
     assert "stopped at once" in stderr
     assert_no_orphans(children)
     check_records_have_data(out, reference)
+
+
+@pytest.mark.parametrize("moment", ["stage1", "stage2"])
+def test_sigkill_main_process_on_s3_then_rerun(moment, tmp_path, reference, moto_server):
+    """The same crash-and-rerun on the S3 test endpoint (moto_server on 127.0.0.1)."""
+    import s3fs
+
+    options = moto_server.options()
+    out = f"s3://{moto_server.make_bucket()}/run"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    extra = ("--storage-options", json.dumps(options), "--sleep", "0.004")
+
+    def recorded(product: str) -> set[tuple[int, int]]:
+        keys = fs.glob(f"{out[5:]}/{product}/_zarr_orch/tiles_*/c/*/*/0")
+        return {(int(k.split("/")[-3]), int(k.split("/")[-2])) for k in keys}
+
+    proc = start(out, tmp_path / "c1", *extra)
+    product = "stage1.zarr" if moment == "stage1" else "stage2.zarr"
+    target = int(random.Random(moment).uniform(0.2, 0.8) * TILES)
+    wait_until(lambda: len(recorded(product)) >= target, proc, timeout=240)
+    assert_no_orphans(kill_main(proc))
+    missing = 2 * TILES - len(recorded("stage1.zarr")) - len(recorded("stage2.zarr"))
+    counter = tmp_path / "c2"
+    run(out, counter, *extra, timeout=300)
+    assert len(list(counter.iterdir())) == missing
+    for name, want in reference.items():
+        product_name, tag = name.split("/")
+        store = zarr.storage.FsspecStore.from_url(f"{out}/{product_name}", storage_options=options)
+        got = zarr.open_group(store, mode="r")[tag][...]
+        np.testing.assert_array_equal(got, want, err_msg=name)

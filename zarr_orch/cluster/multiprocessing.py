@@ -253,6 +253,25 @@ def _dump_reply(job_id: Any, outputs: dict, errors: dict, names: dict, rss: int)
         return pickle.dumps((job_id, {}, errors, rss), _PICKLE_PROTOCOL)
 
 
+def _keep_freed_memory() -> None:
+    """Let this worker reuse the memory it frees instead of handing it back to the kernel.
+
+    Tile tasks allocate and free the same large temporaries tile after tile; glibc returns
+    them (mmap/trim) and every tile then pays page faults on fresh pages, which on VMs that
+    reclaim guest memory costs a few ms per MB. Keeping them costs nothing extra: the worker's
+    RSS stays at its peak tile, which max_ram_per_worker already bounds.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 31)
+    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
+        pass
+
+
 def _worker_main(task_conn: Any, result_conn: Any, sys_path: list[str]) -> None:
     """Loop of a worker process: run jobs in arrival order until told to stop or orphaned.
 
@@ -261,6 +280,7 @@ def _worker_main(task_conn: Any, result_conn: Any, sys_path: list[str]) -> None:
     """
     global _IN_WORKER
     _IN_WORKER = True
+    _keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     for path in sys_path:
         if path not in sys.path:
@@ -530,6 +550,9 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._last_completion = time.monotonic()
         self._last_ram_check = 0.0
         self._startup_deaths = 0
+        if launch_worker:
+            # start now (as CARS does): workers import while the application builds its graph
+            self._ensure_started()
 
     # -- conf / task API ----------------------------------------------------------------------
     def check_task_function(self, func: Callable[..., Any]) -> None:
@@ -570,8 +593,9 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         if self._started:
             return
         if self.conf["mp_mode"] == "forkserver":
-            # '__main__' is the default preload (tasks defined in a script); ours makes forks cheap
-            self._ctx.set_forkserver_preload(["__main__", __name__])
+            # '__main__' is the default preload (tasks defined in a script); ours, and the tile
+            # sink's (numpy, xarray, zarr), are imported once in the server, not per worker
+            self._ctx.set_forkserver_preload(["__main__", __name__, "zarr_orch.registry.sink"])
         self._started = True
         for _ in range(self.nb_workers):
             self._start_worker()
