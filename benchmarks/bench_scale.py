@@ -104,99 +104,96 @@ def zarr_loop(out: str, n: int, tile: int) -> float:
     return time.perf_counter() - start
 
 
+def records_startup(base: str, n: int, tile: int) -> tuple[float, float]:
+    """(listing, writing) seconds for the n x n completion records of one product."""
+    from zarr_orch.registry.plan import build_plans, product_attributes
+    from zarr_orch.registry.registries import SaveEntry, TrackedDataset
+    from zarr_orch.storage.location import Location
+    from zarr_orch.storage.product import done_tiles, prepare_product, write_record
+    from zarr_orch.storage.records import record_bytes
+
+    ds = CarsDataset("arrays", name="records")
+    ds.tiling_grid = zarr_orch.generate_tiling_grid(0, 0, n * tile, n * tile, tile, tile)
+    entry = SaveEntry("records.zarr", "v", "<f4", -9999.0, False, False)
+    [plan] = build_plans(TrackedDataset(ds, 0, "records"), [entry], Location.parse(base))
+    prepare_product(plan, product_attributes(plan, ds, "records.zarr"))
+    payload = (plan.records, record_bytes(1, [0]))
+    start = time.perf_counter()
+    for r in range(n):
+        for c in range(n):
+            write_record(plan.location, r, c, payload)
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    found = done_tiles(plan.location, plan.records)
+    read_s = time.perf_counter() - start
+    assert len(found) == n * n
+    return read_s, write_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=316, help="tiles per side")
     parser.add_argument("--tile", type=int, default=32, help="tile size in pixels")
     parser.add_argument("--modes", nargs="+", default=["sequential", "multiprocessing"])
     parser.add_argument("--skip-loop", action="store_true")
+    parser.add_argument(
+        "--saved-tiles",
+        type=int,
+        default=None,
+        help="tiles per side of the saved runs (default: --tiles; they write every chunk)",
+    )
     args = parser.parse_args()
     n, tile = args.tiles, args.tile
     ntiles = n * n
+    ns = args.saved_tiles or n
+    nsaved = ns * ns
     base = tempfile.mkdtemp(prefix="zo_scale_", dir=os.environ.get("BENCH_DIR"))
     print(
         f"# {ntiles} tiles of {tile}x{tile} px ({n * tile} px raster), "
         f"zarr_orch {zarr_orch.__version__}, {os.cpu_count()} cores"
     )
-    rows = []
+    rows: list[tuple[str, ...]] = []
+
+    def add(step: str, seconds: float, tiles: int, rss: str = "-") -> None:
+        rows.append((step, f"{seconds:.2f}", f"{seconds / tiles * 1e3:.3f}", rss))
+
     try:
+        read_s, write_s = records_startup(base, n, tile)
+        add(f"start-up of a resumed run: listing {ntiles} completion records", read_s, ntiles)
+        add(f"main process writing {ntiles} completion records", write_s, ntiles)
         if not args.skip_loop:
-            loop_s = zarr_loop(base, n, tile)
-            rows.append(
-                (
-                    "plain zarr loop (write only)",
-                    "-",
-                    f"{loop_s:.1f}",
-                    f"{loop_s / ntiles * 1e3:.3f}",
-                    "-",
-                )
-            )
+            add(f"plain zarr loop, {nsaved} tiles (write only)", zarr_loop(base, ns, tile), nsaved)
         for mode in args.modes:
-            # orchestration only
+            # orchestration only: compute-only dataset of tiny tiles, nothing written
             with Orchestrator(conf_for(mode), out_dir=os.path.join(base, f"o-{mode}")) as orch:
                 reg_s, _ = build(orch, n, tile, tiny_tile, save=False)
                 with PeakRSS() as peak:
                     start = time.perf_counter()
                     orch.breakpoint()
                     bp_s = time.perf_counter() - start
-            rows.append(
-                (f"{mode}: register", "-", f"{reg_s:.1f}", f"{reg_s / ntiles * 1e3:.3f}", "-")
+            add(f"{mode}: creating + registering {ntiles} tasks", reg_s, ntiles)
+            add(
+                f"{mode}: scheduling + booking {ntiles} tiles (compute-only)",
+                bp_s,
+                ntiles,
+                f"{peak.delta_mib:.0f}",
             )
-            rows.append(
-                (
-                    f"{mode}: compute-only breakpoint",
-                    "-",
-                    f"{bp_s:.1f}",
-                    f"{bp_s / ntiles * 1e3:.3f}",
-                    f"{peak.delta_mib:.0f}",
-                )
-            )
-            # saved run and its resumed rerun
+            # a saved run (every chunk written) and its resumed rerun
             out = os.path.join(base, f"s-{mode}")
             with Orchestrator(conf_for(mode), out_dir=out) as orch, PeakRSS() as peak:
                 start = time.perf_counter()
-                _, ds = build(orch, n, tile, ramp_tile, save=True)
+                build(orch, ns, tile, ramp_tile, save=True)
                 orch.breakpoint()
                 run_s = time.perf_counter() - start
-            rows.append(
-                (
-                    f"{mode}: saved run (register+breakpoint)",
-                    "-",
-                    f"{run_s:.1f}",
-                    f"{run_s / ntiles * 1e3:.3f}",
-                    f"{peak.delta_mib:.0f}",
-                )
-            )
-            del ds
+            add(f"{mode}: saved run, {nsaved} tiles", run_s, nsaved, f"{peak.delta_mib:.0f}")
             start = time.perf_counter()
             with Orchestrator(conf_for(mode), out_dir=out) as orch:
-                build(orch, n, tile, ramp_tile, save=True)
-                t0 = time.perf_counter()
-                orch._prepare_products(orch.registries.ordered())  # start-up: read records
-                records_s = time.perf_counter() - t0
+                build(orch, ns, tile, ramp_tile, save=True)
                 orch.breakpoint()
-            rerun_s = time.perf_counter() - start
-            rows.append(
-                (
-                    f"{mode}: resumed rerun (nothing left)",
-                    "-",
-                    f"{rerun_s:.1f}",
-                    f"{rerun_s / ntiles * 1e3:.3f}",
-                    "-",
-                )
-            )
-            rows.append(
-                (
-                    f"{mode}: reading {ntiles} completion records",
-                    "-",
-                    f"{records_s:.2f}",
-                    f"{records_s / ntiles * 1e3:.4f}",
-                    "-",
-                )
-            )
+            add(f"{mode}: rerun of it (nothing left)", time.perf_counter() - start, nsaved)
             shutil.rmtree(out, ignore_errors=True)
-        print("| step | - | seconds | ms/tile | main peak dRSS MiB |")
-        print("|---|---|---|---|---|")
+        print("| step | seconds | ms/tile | main peak dRSS MiB |")
+        print("|---|---|---|---|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
     finally:

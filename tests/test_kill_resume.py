@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -300,8 +301,13 @@ def test_sigkill_main_process_on_s3_then_rerun(moment, tmp_path, reference, moto
     extra = ("--storage-options", json.dumps(options), "--sleep", "0.004")
 
     def recorded(product: str) -> set[tuple[int, int]]:
-        keys = fs.glob(f"{out[5:]}/{product}/_zarr_orch/tiles_*/c/*/*/0")
-        return {(int(k.split("/")[-3]), int(k.split("/")[-2])) for k in keys}
+        fs.invalidate_cache()  # s3fs caches listings; we poll a prefix that changes
+        try:
+            keys = fs.find(f"{out[5:]}/{product}/_zarr_orch")
+        except FileNotFoundError:
+            return set()
+        found = (re.search(r"/tiles_[0-9a-f]+/c/(\d+)/(\d+)/0$", k) for k in keys)
+        return {(int(m[1]), int(m[2])) for m in found if m}
 
     proc = start(out, tmp_path / "c1", *extra)
     product = "stage1.zarr" if moment == "stage1" else "stage2.zarr"
