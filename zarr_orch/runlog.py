@@ -67,6 +67,18 @@ class _QuietFileHandler(logging.handlers.RotatingFileHandler):
             self.failed = True
 
 
+class _Forward(logging.Handler):
+    """Passes records on to the root logger's handlers at the level the application chose."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self.threshold:
+            logging.getLogger().handle(record)
+
+
 class RunLog:
     """Attaches a file handler to the ``zarr_orch`` logger for the lifetime of one run."""
 
@@ -96,9 +108,17 @@ class RunLog:
             self._console.setLevel(logging.WARNING)
             self._console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             self._logger.addHandler(self._console)
+        self._forward: logging.Handler | None = None
         if self._logger.level == logging.NOTSET or self._logger.level > level:
+            # the file wants INFO records; the application's own handlers must still only see
+            # what it asked for, so stop propagating and forward at its threshold instead
+            threshold = self._logger.getEffectiveLevel()
             self._previous_level = self._logger.level
             self._logger.setLevel(level)
+            if logging.getLogger().handlers:
+                self._forward = _Forward(threshold)
+                self._logger.addHandler(self._forward)
+                self._logger.propagate = False
         else:
             self._previous_level = None
 
@@ -133,6 +153,9 @@ class RunLog:
             self.handler.close()
         if self._console is not None:
             self._logger.removeHandler(self._console)
+        if self._forward is not None:
+            self._logger.removeHandler(self._forward)
+            self._logger.propagate = True
         if self._previous_level is not None:
             self._logger.setLevel(self._previous_level)
         if self._tmp_dir is not None:
