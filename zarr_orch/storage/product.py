@@ -320,13 +320,14 @@ def _same_fill(stored: Any, nodata: Any) -> bool:
 # -- arrays ---------------------------------------------------------------------------------------
 
 
-def _ensure_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: dict) -> Any:
+def _ensure_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], tile: Any) -> Any:
     """Open the tag's array, creating it (and the coordinates) when this is the first tile."""
 
     def opener() -> Any:
         group = _group(plan.location)
         if tag.name not in group.array_keys():
-            _create_array(group, plan, tag, shape, geo)
+            # georeferencing (a CRS parse) only matters to the writer that creates the array
+            _create_array(group, plan, tag, shape, _geo_for_tile(tile))
         array = group[tag.name]
         if tuple(array.shape) != shape:
             raise TileError(
@@ -517,7 +518,6 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
     overlaps = tile.attrs.get(cst.OVERLAPS) or {}
     up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
     left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
-    geo = _geo_for_tile(tile)
     result = TileWrite()
     written, missing = [], []
     crcs: list[int] = []
@@ -544,7 +544,7 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
             )
         data = cast_tile(core, np.dtype(tag.dtype), tag.nodata, f"{what} tag {tag.name!r}")
         full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
-        array = _ensure_array(plan, tag, full_shape, geo)
+        array = _ensure_array(plan, tag, full_shape, tile)
         if array.ndim != data.ndim:
             raise TileError(
                 f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
