@@ -31,6 +31,7 @@ from fault_tasks import leaky_tile, ndarray_tile, random_tile, typed_tile
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
+from zarr_orch.storage import chunk_writer
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.lease import LeaseError
 from zarr_orch.storage.verify import verify_product
@@ -311,18 +312,18 @@ def test_disk_full_run_log_does_not_hide_the_tile_error(tmp_path):
 
 
 def test_disk_full_simulated_by_the_store_names_the_tile_and_records_nothing(out_dir, monkeypatch):
-    """The same fault without a mount: the local store raises ENOSPC from the 5th chunk on."""
-    original = zarr.storage.LocalStore.set
+    """The same fault without a mount: chunk files raise ENOSPC from the 5th chunk on."""
+    original = chunk_writer.atomic_write
     written: list[str] = []
 
-    async def full_after_four(self, key, value, *args, **kwargs):
-        if key.startswith("hgt/c/"):
+    def full_after_four(path, *parts):
+        if f"{os.sep}hgt{os.sep}c{os.sep}" in path:
             if len(written) >= 4:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
-            written.append(key)
-        return await original(self, key, value, *args, **kwargs)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            written.append(path)
+        return original(path, *parts)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_after_four)
+    monkeypatch.setattr(chunk_writer, "atomic_write", full_after_four)
     with pytest.raises(zo.TaskFailedError) as info:
         _random_run(out_dir)
     assert str(info.value).startswith(
@@ -330,7 +331,7 @@ def test_disk_full_simulated_by_the_store_names_the_tile_and_records_nothing(out
     )
     assert "(11 other tile(s) failed too); 4 tile(s) finished" in str(info.value)
     assert _assert_no_record_without_data(out_dir / "ds.zarr") == {(0, c) for c in range(4)}
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
+    monkeypatch.setattr(chunk_writer, "atomic_write", original)
     orch = _random_run(out_dir)
     assert orch._stats["tiles"] == 12 and orch._stats["resumed"] == 4
     np.testing.assert_array_equal(

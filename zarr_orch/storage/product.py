@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import cache
@@ -23,6 +22,7 @@ import zarr
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, TileError
 from zarr_orch.storage import records as rec
+from zarr_orch.storage.chunk_writer import ChunkWriter, atomic_write
 from zarr_orch.storage.encoding import (
     cast_tile,
     gdal_geotransform,
@@ -550,10 +550,7 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
                 f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
                 f"{array.ndim}"
             )
-        if data.ndim == 2:
-            array[r0:r1, c0:c1] = data
-        else:
-            array[:, r0:r1, c0:c1] = data
+        _write_chunk(plan, tag, array, data, (r0, r1, c0, c1))
         crc = rec.checksum(data)
         crcs.append(crc)
         result.crcs[tag.name] = crc
@@ -568,6 +565,24 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
         write_tile_description(plan, tile, row, col)
     result.record = _record(plan, result.nbytes, crcs)
     return result
+
+
+def _write_chunk(plan: ProductPlan, tag: TagSpec, array: Any, data: np.ndarray, box: tuple) -> None:
+    """Store one tile's values as its whole chunk: directly when the codec chain allows."""
+    r0, r1, c0, c1 = box
+    writer = _cached(
+        "writer",
+        plan.location,
+        tag.name,
+        lambda: ChunkWriter.for_array(plan.location, tag.name, array) or False,
+    )
+    if writer:
+        ch, cw = plan.chunks
+        writer.write((r0 // ch, c0 // cw) if data.ndim == 2 else (0, r0 // ch, c0 // cw), data)
+    elif data.ndim == 2:
+        array[r0:r1, c0:c1] = data
+    else:
+        array[:, r0:r1, c0:c1] = data
 
 
 def _record(plan: ProductPlan, nbytes: int, crcs: list[int]) -> tuple[str, bytes]:
@@ -587,21 +602,16 @@ def write_record(location: Location, row: int, col: int, record: tuple[str, byte
     """
     key = rec.record_key(record[0], row, col)
     if location.is_local:
-        path = os.path.join(location.url, *key.split("/"))
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(record[1])
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(record[1])
-        os.replace(tmp, path)
+        atomic_write(os.path.join(location.url, *key.split("/")), record[1])
         return
     from zarr_orch.storage.zarr_io import set_bytes
 
-    store = _cached("store", location, "", location.zarr_store)
-    set_bytes(store, key, record[1])
+    set_bytes(store_handle(location), key, record[1])
+
+
+def store_handle(location: Location) -> Any:
+    """The product's (retrying) zarr store, opened once per process."""
+    return _cached("store", location, "", location.zarr_store)
 
 
 def read_window(location: Location, tag: str, window: dict) -> np.ndarray:
