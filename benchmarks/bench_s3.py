@@ -6,7 +6,7 @@ Cases, all writing to the same moto endpoint:
 - plain: the main process creates the array, then computes each tile and writes it with
   ``array[window] = tile`` (timed from array creation to the last tile);
 - zarr_orch in sequential and multiprocessing modes (2 workers): the whole breakpoint is
-  timed (product + records creation, tasks, one chunk + one completion record per tile,
+  timed (product + records creation, tasks, one chunk per tile + one records block a second,
   metadata); Orchestrator construction (S3 preflight, worker start) is setup.
 Each case runs `--repeat` times into a fresh prefix; the table shows medians. MB/s counts
 uncompressed bytes; ratio = plain wall / case wall (>= 1 is as fast as the plain loop).

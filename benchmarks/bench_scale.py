@@ -109,8 +109,8 @@ def records_startup(base: str, n: int, tile: int) -> tuple[float, float]:
     from zarr_orch.registry.plan import build_plans, product_attributes
     from zarr_orch.registry.registries import SaveEntry, TrackedDataset
     from zarr_orch.storage.location import Location
-    from zarr_orch.storage.product import done_tiles, prepare_product, write_record
-    from zarr_orch.storage.records import record_bytes
+    from zarr_orch.storage.product import done_tiles, prepare_product
+    from zarr_orch.storage.records import RecordWriter, record_bytes
 
     ds = CarsDataset("arrays", name="records")
     ds.tiling_grid = zarr_orch.generate_tiling_grid(0, 0, n * tile, n * tile, tile, tile)
@@ -119,9 +119,11 @@ def records_startup(base: str, n: int, tile: int) -> tuple[float, float]:
     prepare_product(plan, product_attributes(plan, ds, "records.zarr"))
     payload = (plan.records, record_bytes(1, [0]))
     start = time.perf_counter()
+    writer = RecordWriter()
     for r in range(n):
         for c in range(n):
-            write_record(plan.location, r, c, payload)
+            writer.submit(plan.location, r, c, payload)
+    writer.close()
     write_s = time.perf_counter() - start
     start = time.perf_counter()
     found = done_tiles(plan.location, plan.records)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import numpy as np
 import psutil
 import pytest
 import zarr
+
+from zarr_orch.storage import records as rec
 
 PIPELINE = Path(__file__).with_name("kill_pipeline.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +59,21 @@ def run(out: Path | str, counter: Path, *extra: str, timeout: float = 180) -> st
     return stderr
 
 
-def record_files(out: Path, product: str) -> list[Path]:
-    return list((out / product / "_zarr_orch").glob("tiles_*/c/*/*/0"))
+def recorded_in(store) -> set[tuple[int, int]]:
+    """Tiles recorded done in the product at `store` (empty while it is being created)."""
+    try:
+        group = zarr.open_group(store, mode="r", zarr_format=3)
+        names = (group.attrs.get("zarr_orch") or {}).get("records") or []
+    except (FileNotFoundError, KeyError, ValueError):
+        return set()
+    done: set[tuple[int, int]] = set()
+    for name in names:
+        done |= rec.done_tiles(store, name)
+    return done
 
 
 def done_tiles(out: Path, product: str) -> set[tuple[int, int]]:
-    return {(int(p.parts[-3]), int(p.parts[-2])) for p in record_files(out, product)}
+    return recorded_in(zarr.storage.LocalStore(str(out / product), read_only=True))
 
 
 def read_products(out: Path) -> dict[str, np.ndarray]:
@@ -167,7 +177,7 @@ def test_sigkill_main_process_then_rerun(trial, tmp_path, reference):
     else:
         product = "stage1.zarr" if moment == "stage1" else "stage2.zarr"
         target = max(1, int(fraction * TILES))
-        wait_until(lambda: len(record_files(out, product)) >= target, proc)
+        wait_until(lambda: len(done_tiles(out, product)) >= target, proc)
     children = kill_main(proc)
     assert_no_orphans(children)
     recorded = check_records_have_data(out, reference)
@@ -187,7 +197,7 @@ def test_sigkill_main_process_then_rerun(trial, tmp_path, reference):
 def test_sigkill_a_worker_is_retried(tmp_path, reference):
     out = tmp_path / "run"
     proc = start(out, tmp_path / "counter", "--sleep", "0.01")
-    wait_until(lambda: len(record_files(out, "stage1.zarr")) >= 40, proc)
+    wait_until(lambda: len(done_tiles(out, "stage1.zarr")) >= 40, proc)
     victims = [
         p
         for p in workers_of(proc.pid)
@@ -236,7 +246,7 @@ def test_failed_tile_then_fixed_input_recomputes_only_that_tile(tmp_path, refere
 
 
 def _interrupt(proc: subprocess.Popen[str], out: Path, signum: int, at_least: int) -> tuple:
-    wait_until(lambda: len(record_files(out, "stage1.zarr")) >= at_least, proc)
+    wait_until(lambda: len(done_tiles(out, "stage1.zarr")) >= at_least, proc)
     children = workers_of(proc.pid)
     os.kill(proc.pid, signum)
     start_wait = time.monotonic()
@@ -293,21 +303,15 @@ def test_second_ctrl_c_stops_at_once(tmp_path, reference):
 @pytest.mark.parametrize("moment", ["stage1", "stage2"])
 def test_sigkill_main_process_on_s3_then_rerun(moment, tmp_path, reference, moto_server):
     """The same crash-and-rerun on the S3 test endpoint (moto_server on 127.0.0.1)."""
-    import s3fs
-
     options = moto_server.options()
     out = f"s3://{moto_server.make_bucket()}/run"
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
     extra = ("--storage-options", json.dumps(options), "--sleep", "0.004")
 
     def recorded(product: str) -> set[tuple[int, int]]:
-        fs.invalidate_cache()  # s3fs caches listings; we poll a prefix that changes
-        try:
-            keys = fs.find(f"{out[5:]}/{product}/_zarr_orch")
-        except FileNotFoundError:
-            return set()
-        found = (re.search(r"/tiles_[0-9a-f]+/c/(\d+)/(\d+)/0$", k) for k in keys)
-        return {(int(m[1]), int(m[2])) for m in found if m}
+        store = zarr.storage.FsspecStore.from_url(
+            f"{out}/{product}", storage_options={**options, "skip_instance_cache": True}
+        )
+        return recorded_in(store)
 
     proc = start(out, tmp_path / "c1", *extra)
     product = "stage1.zarr" if moment == "stage1" else "stage2.zarr"

@@ -33,7 +33,6 @@ from zarr_orch.storage.product import (
     product_info,
     read_window,
     write_arrays_tile,
-    write_record,
 )
 
 H, W, CH, CW = 50, 70, 20, 30  # 3x3 tiles, last row/col smaller
@@ -97,7 +96,9 @@ def location(tmp_path) -> Location:
 def write_tile_and_record(plan, tile, row, col, what):
     """What a sink + the main process do: write the tile's chunks, then its record."""
     result = write_arrays_tile(plan, tile, row, col, what)
-    write_record(plan.location, row, col, result.record)
+    writer = rec.RecordWriter()
+    writer.submit(plan.location, row, col, result.record)
+    writer.close()
     return result
 
 
@@ -235,13 +236,24 @@ def test_records_record_and_forget_tiles(tmp_path):
         rec.create_records(group, "tiles_x", (3, 3), ["a", "b"])
     data = np.arange(6, dtype="float32")
     store = group.store
-    rec.record_tile(store, "tiles_x", 1, 2, data.nbytes, [rec.checksum(data), 5])
-    rec.record_tile(store, "tiles_x", 0, 0, 0, [0, 0])
+    location = Location.parse(str(tmp_path / "r.zarr"))
+    writer = rec.RecordWriter(interval=3600)
+    writer.submit(
+        location, 1, 2, ("tiles_x", rec.record_bytes(data.nbytes, [rec.checksum(data), 5]))
+    )
+    writer.submit(location, 0, 0, ("tiles_x", rec.record_bytes(0, [0, 0])))
+    assert rec.done_tiles(store, "tiles_x") == set()  # not written before the flush
+    assert writer.flush() == []
     assert rec.done_tiles(store, "tiles_x") == {(1, 2), (0, 0)}
     stored = group["_zarr_orch/tiles_x"][1, 2, :]
     assert stored[0] == 1 and stored[2] == 24 and stored[3] == rec.checksum(data)
     rec.forget_tiles(group["_zarr_orch/tiles_x"], [(1, 2)])
     assert rec.done_tiles(store, "tiles_x") == {(0, 0)}
+    # a later record in the same block keeps the block's other records (no lost update)
+    writer.submit(location, 1, 1, ("tiles_x", rec.record_bytes(0, [0, 0])))
+    writer.close()
+    assert rec.done_tiles(store, "tiles_x") == {(0, 0), (1, 1)}
+    assert group["_zarr_orch/tiles_x"].chunks == (2, 3, 5)
 
 
 # -- encoding ----------------------------------------------------------------------------------

@@ -76,6 +76,16 @@ def records_dir(out_dir: Path) -> Path:
     return product(out_dir) / rec.META_GROUP / group.attrs["zarr_orch"]["records"][0]
 
 
+def read_block(out_dir: Path) -> np.ndarray:
+    """The one records block of the 2x2-tile product (tile row, tile col, field)."""
+    raw = (records_dir(out_dir) / "c" / "0" / "0" / "0").read_bytes()
+    return np.frombuffer(raw, dtype="<u8").reshape(2, 2, -1).copy()
+
+
+def write_block(out_dir: Path, values: np.ndarray) -> None:
+    (records_dir(out_dir) / "c" / "0" / "0" / "0").write_bytes(values.astype("<u8").tobytes())
+
+
 def stored(out_dir: Path, tag: str = "hgt") -> np.ndarray:
     return zarr.open_group(str(product(out_dir)), mode="r")[tag][...]
 
@@ -122,7 +132,9 @@ def test_record_of_an_older_writer_with_negative_nan_is_accepted(out_dir):
     write(out_dir, negative_nan_tile, profile_for(H, W), nodata=float("nan"))
     negative = np.full((32, 48), -np.nan, dtype="float32")
     raw = rec.record_bytes(negative.nbytes, [rec.checksum(negative)])
-    (records_dir(out_dir) / "c" / "0" / "0" / "0").write_bytes(raw)
+    block = read_block(out_dir)
+    block[0, 0] = np.frombuffer(raw, dtype="<u8")
+    write_block(out_dir, block)
     assert verify_product(product(out_dir)).ok
 
 
@@ -200,8 +212,7 @@ def test_deleted_chunk_is_found_repaired_and_recomputed_alone(out_dir):
     assert write(out_dir)._stats["tiles"] == 0
     report = verify_product(product(out_dir), repair=True)
     assert report.repaired == [(str(product(out_dir)), 1, 0)]
-    assert not (records_dir(out_dir) / "c" / "1" / "0" / "0").exists()
-    assert (records_dir(out_dir) / "c" / "1" / "1" / "0").exists()
+    assert read_block(out_dir)[:, :, 0].tolist() == [[1, 1], [0, 1]]  # only (1, 0) forgotten
     orch = write(out_dir)
     assert orch._stats["tiles"] == 1 and orch._stats["resumed"] == 3
     assert verify_product(product(out_dir)).ok
@@ -281,28 +292,43 @@ def test_intermediate_products_are_verified(out_dir):
 def test_malformed_records_are_reported_and_forgotten(out_dir):
     write(out_dir)
     records = records_dir(out_dir) / "c"
-    (records / "0" / "0" / "0").write_bytes(b"\x01\x02")  # truncated
-    raw = bytearray((records / "0" / "1" / "0").read_bytes())
-    raw[0] = 0  # done flag cleared
-    (records / "0" / "1" / "0").write_bytes(bytes(raw))
-    (records / "7" / "0").mkdir(parents=True)  # outside the 2x2 grid
-    (records / "7" / "0" / "0").write_bytes((records / "1" / "0" / "0").read_bytes())
+    block = read_block(out_dir)
+    block[0, 0, 0] = 7  # a flag no writer sets
+    block[0, 1, 0] = 0  # done flag cleared, the rest of the record kept
+    write_block(out_dir, block)
+    (records / "7" / "0").mkdir(parents=True)  # a block outside the 2x2 grid
+    (records / "7" / "0" / "0").write_bytes((records / "0" / "0" / "0").read_bytes())
     (records / "junk").mkdir()
     (records / "junk" / "0").write_bytes(b"?")  # stray key
     report = verify_product(product(out_dir))
     problems = sorted((b.row, b.col, b.problem) for b in report.bad if b.row is not None)
     assert problems == [
-        (0, 0, f"{MALFORMED}: 2 bytes instead of 32"),
+        (0, 0, f"{MALFORMED}: done flag is 7, not 1"),
         (0, 1, f"{MALFORMED}: done flag is 0, not 1"),
-        (7, 0, f"{MALFORMED}: tile outside the (2, 2) tile grid"),
     ]
-    [stray] = [b for b in report.bad if b.row is None]
-    assert stray.problem.startswith(f"{MALFORMED}: stray key") and "junk/0" in stray.problem
-    assert report.checked == 6  # 5 keys that parse as tiles + the stray one
+    outside, stray = sorted(b.problem for b in report.bad if b.row is None)
+    assert outside.startswith(f"{MALFORMED}: records block") and "c/7/0/0 lies outside" in outside
+    assert stray.startswith(f"{MALFORMED}: stray key") and "junk/0" in stray
+    assert report.checked == 6  # 2 bad records + 2 good ones + 2 bad keys
     verify_product(product(out_dir), repair=True)
     assert not (records / "junk" / "0").exists() and not (records / "7" / "0" / "0").exists()
+    assert read_block(out_dir)[:, :, 0].tolist() == [[0, 0], [1, 1]]
     assert write(out_dir)._stats["tiles"] == 2  # (0, 0) and (0, 1) recomputed
     assert verify_product(product(out_dir)).ok
+
+
+def test_a_truncated_records_block_is_dropped_and_its_tiles_recomputed(out_dir):
+    write(out_dir)
+    (records_dir(out_dir) / "c" / "0" / "0" / "0").write_bytes(b"\x01\x02")
+    report = verify_product(product(out_dir))
+    [bad] = report.bad
+    assert bad.row is None and bad.kind == MALFORMED
+    assert "c/0/0/0 has 2 bytes instead of 128" in bad.problem
+    verify_product(product(out_dir), repair=True)
+    assert not (records_dir(out_dir) / "c" / "0" / "0" / "0").exists()
+    assert write(out_dir)._stats["tiles"] == 4
+    assert verify_product(product(out_dir)).ok
+    np.testing.assert_array_equal(stored(out_dir), full_field(H, W))
 
 
 def test_garbled_records_metadata_is_a_product_level_problem(out_dir):

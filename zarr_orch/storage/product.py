@@ -22,7 +22,7 @@ import zarr
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, TileError
 from zarr_orch.storage import records as rec
-from zarr_orch.storage.chunk_writer import ChunkWriter, atomic_write
+from zarr_orch.storage.chunk_writer import ChunkWriter
 from zarr_orch.storage.encoding import (
     cast_tile,
     gdal_geotransform,
@@ -589,24 +589,10 @@ def _record(plan: ProductPlan, nbytes: int, crcs: list[int]) -> tuple[str, bytes
     """The completion record of a tile whose data is written (the main process stores it).
 
     Recording is bookkeeping: the receipt carries these few bytes back and the main process
-    writes them in the background, so a worker pays one object write per tile, not two.
+    merges them into blocks of records (`records.RecordWriter`), so a worker pays one object
+    write per tile, not two.
     """
     return plan.records, rec.record_bytes(nbytes, crcs)
-
-
-def write_record(location: Location, row: int, col: int, record: tuple[str, bytes]) -> None:
-    """Store a tile's completion record (after its data: the caller guarantees the order).
-
-    On local disk the chunk file is written directly (temp file + rename, as LocalStore
-    does), skipping the hop through zarr's event loop: records are our own raw chunks.
-    """
-    key = rec.record_key(record[0], row, col)
-    if location.is_local:
-        atomic_write(os.path.join(location.url, *key.split("/")), record[1])
-        return
-    from zarr_orch.storage.zarr_io import set_bytes
-
-    set_bytes(store_handle(location), key, record[1])
 
 
 def store_handle(location: Location) -> Any:

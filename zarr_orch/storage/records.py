@@ -1,31 +1,41 @@
 """Completion records: which tiles of a product are done, stored inside the product.
 
-Records are a small Zarr array ``_zarr_orch/<name>`` of shape (tile rows, tile cols, fields)
-with one chunk per tile, so recording a tile is one atomic whole-chunk write made *after*
-the tile's data, and finding every done tile is a key listing (no read per tile). A record
-holds: done flag, unix time in ms, bytes written and one CRC32 per tag. Records, not chunk
-presence, mean "done": zarr does not store all-nodata chunks.
+Records are a small Zarr array ``_zarr_orch/<name>`` of shape (tile rows, tile cols, fields),
+uint64, uncompressed, chunked in blocks of up to 32x32 tiles. A record holds: done flag,
+unix time in ms, bytes written and one CRC32 per tag. Records, not chunk presence, mean
+"done": zarr does not store all-nodata chunks.
+
+Only the main process writes records, after the tile's data is on disk (the receipt says
+so): `RecordWriter` merges them into their block and rewrites each changed block about once
+a second, so a tile costs its data chunk and a share of one small block write, not a second
+object of its own. A crash loses at most the last second of records: those tiles' data is
+on disk and a rerun rewrites them identically. Finding every done tile is a key listing plus
+one read per block (O(tiles / 1024) requests on an object store).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import zarr
 
-from zarr_orch.storage.zarr_io import list_keys
+from zarr_orch.storage.zarr_io import get_many, list_keys
 
 logger = logging.getLogger(__name__)
 
 META_GROUP = "_zarr_orch"
 BASE_FIELDS = ("done", "time_ms", "nbytes")
+#: tiles per side of one records chunk
+BLOCK = 32
+#: seconds between two background writes of the changed record blocks
+FLUSH_SECONDS = 1.0
 
 
 def records_name(tags: Sequence[str]) -> str:
@@ -54,7 +64,7 @@ def create_records(group: zarr.Group, name: str, grid_shape: tuple[int, int], ta
     return meta.create_array(
         name,
         shape=shape,
-        chunks=(1, 1, len(fields)),
+        chunks=(min(BLOCK, shape[0]) or 1, min(BLOCK, shape[1]) or 1, len(fields)),
         dtype="uint64",
         fill_value=0,
         compressors=None,
@@ -70,118 +80,191 @@ def checksum(data: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"))
 
 
-def record_key(name: str, row: int, col: int) -> str:
-    """Store key (relative to the product) of tile (row, col)'s record chunk."""
-    return f"{META_GROUP}/{name}/c/{row}/{col}/0"
-
-
 def record_bytes(nbytes: int, crcs: Sequence[int]) -> bytes:
-    """The encoded record chunk (uncompressed little-endian uint64, as the array declares)."""
+    """One tile's record (done, time, bytes, CRCs): the uint64 values the array stores."""
     return np.array([1, int(time.time() * 1000), nbytes, *crcs], dtype="<u8").tobytes()
 
 
-def record_tile(
-    store: Any, name: str, row: int, col: int, nbytes: int, crcs: Sequence[int]
-) -> None:
-    """Mark tile (row, col) done: one whole-chunk write, to be made after its data.
+def block_key(name: str, block_row: int, block_col: int) -> str:
+    """Store key (relative to the product) of one block of records."""
+    return f"{META_GROUP}/{name}/c/{block_row}/{block_col}/0"
 
-    The chunk is encoded here and handed to the store directly: the records array has no
-    compressor, so its chunk is the raw values, and this avoids zarr's per-call indexing
-    machinery on the hot path (one record per tile).
+
+def open_records(store: Any, name: str, mode: str = "r") -> zarr.Array:
+    """The records array `name` of the product at `store`."""
+    return zarr.open_array(store, path=f"{META_GROUP}/{name}", mode=mode, zarr_format=3)
+
+
+def read_records(store: Any, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(row, col, record) of every tile with a non-empty record, block by block.
+
+    One listing of the block keys, then only the blocks that exist are fetched
+    (concurrently on object stores); a block that cannot be decoded is skipped with a
+    warning (``zarr-orch verify`` reports it).
     """
-    from zarr_orch.storage.zarr_io import set_bytes
-
-    set_bytes(store, record_key(name, row, col), record_bytes(nbytes, crcs))
+    try:
+        array = open_records(store, name)
+    except FileNotFoundError:
+        return
+    block_rows, block_cols, nfields = (int(n) for n in array.chunks)
+    rows, cols = int(array.shape[0]), int(array.shape[1])
+    prefix = f"{META_GROUP}/{name}/c/"
+    blocks = []
+    for key in list_keys(store, prefix):
+        parts = key[len(prefix) :].split("/")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[2] == "0":
+            blocks.append((int(parts[0]), int(parts[1])))
+        else:  # a stray file in the product: not a record (zarr-orch verify)
+            logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix) :])
+    blocks.sort()
+    size = block_rows * block_cols * nfields * 8
+    for start in range(0, len(blocks), 256):
+        batch = blocks[start : start + 256]
+        raws = get_many(store, [block_key(name, bi, bj) for bi, bj in batch])
+        for (bi, bj), raw in zip(batch, raws, strict=True):
+            if raw is None:
+                continue
+            if len(raw) != size:
+                logger.warning(
+                    "ignoring records block %s%d/%d/0: %d bytes instead of %d",
+                    prefix,
+                    bi,
+                    bj,
+                    len(raw),
+                    size,
+                )
+                continue
+            values = np.frombuffer(raw, dtype="<u8").reshape(block_rows, block_cols, nfields)
+            for a, b in zip(*np.nonzero(values.any(axis=2)), strict=True):
+                row, col = bi * block_rows + int(a), bj * block_cols + int(b)
+                if row < rows and col < cols:
+                    yield row, col, values[a, b]
 
 
 def done_tiles(store: Any, name: str) -> set[tuple[int, int]]:
-    """(row, col) of every recorded tile, from one listing of the records' chunk keys."""
-    prefix = f"{META_GROUP}/{name}/c/"
-    done: set[tuple[int, int]] = set()
-    root = getattr(store, "root", None)
-    if root is not None and os.path.isdir(os.path.join(str(root), prefix)):
-        return _done_tiles_local(os.path.join(str(root), prefix))
-    for key in list_keys(store, prefix):
-        parts = key[len(prefix) :].split("/")
-        if len(parts) != 3:
-            continue
-        try:
-            done.add((int(parts[0]), int(parts[1])))
-        except ValueError:  # a stray file in the product: not a record (zarr-orch verify)
-            logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix) :])
-    return done
-
-
-def _done_tiles_local(base: str) -> set[tuple[int, int]]:
-    """Fast path for LocalStore: two levels of scandir instead of an async recursive walk."""
-    done: set[tuple[int, int]] = set()
-    with os.scandir(base) as rows:
-        for row_entry in rows:
-            if not row_entry.is_dir() or not row_entry.name.isdigit():
-                continue
-            row = int(row_entry.name)
-            with os.scandir(row_entry.path) as cols:
-                for col_entry in cols:
-                    if col_entry.name.isdigit() and os.path.exists(
-                        os.path.join(col_entry.path, "0")
-                    ):
-                        done.add((row, int(col_entry.name)))
-    return done
+    """(row, col) of every tile recorded done."""
+    return {(row, col) for row, col, values in read_records(store, name) if int(values[0]) == 1}
 
 
 def forget_tiles(records: Any, tiles: Sequence[tuple[int, int]]) -> None:
-    """Delete the records of `tiles` so a later run recomputes them."""
-    from zarr_orch.storage.zarr_io import delete_key
-
-    store_path = records.store_path
+    """Clear the records of `tiles` so a later run recomputes them (one rewrite per block)."""
+    block_rows, block_cols = int(records.chunks[0]), int(records.chunks[1])
+    blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    rows, cols = int(records.shape[0]), int(records.shape[1])
     for row, col in tiles:
-        delete_key(store_path.store, f"{store_path.path}/c/{row}/{col}/0")
+        if 0 <= row < rows and 0 <= col < cols:
+            blocks.setdefault((row // block_rows, col // block_cols), []).append((row, col))
+    for (bi, bj), members in sorted(blocks.items()):
+        r0, c0 = bi * block_rows, bj * block_cols
+        box = (slice(r0, r0 + block_rows), slice(c0, c0 + block_cols))
+        values = np.array(records[box])
+        for row, col in members:
+            values[row - r0, col - c0, :] = 0
+        records[box] = values
 
 
 class RecordWriter:
-    """Writes completion records in the background, in the main process.
+    """Writes completion records in the background, in the main process, block by block.
 
     Receipts arrive only after a tile's data is written, so recording them here keeps the
-    order "chunk first, record after" while the record's latency (one small object write,
-    ~10 ms on S3) overlaps with the workers' next tiles. `flush` waits for every record and
-    returns the tiles whose record could not be written (their data stays; a rerun redoes
-    them).
+    order "chunk first, record after". Records are merged into their 32x32-tile block and
+    each changed block is rewritten (one whole-chunk write, atomic) every `interval`
+    seconds and on `flush`, which returns the tiles whose record could not be written
+    (their data stays; a rerun redoes them).
     """
 
-    def __init__(self, max_workers: int = 8) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="zarr_orch-records")
-        self._pending: list[tuple[Any, str, int, int]] = []
+    def __init__(self, interval: float = FLUSH_SECONDS) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()  # guards _pending
+        self._io = threading.Lock()  # one block writer at a time
+        #: (url, name) -> {(row, col): record row} waiting to be written
+        self._pending: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
+        self._locations: dict[str, Any] = {}
+        self._arrays: dict[tuple[str, str], Any] = {}
         self._failed: list[tuple[str, int, int, BaseException]] = []
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None  # started by the first record
 
     def submit(self, location: Any, row: int, col: int, record: tuple[str, bytes]) -> None:
-        """Queue one record write."""
-        from zarr_orch.storage.product import write_record
+        """Queue tile (row, col)'s record (`record_bytes`) for the next block write."""
+        name, values = record[0], np.frombuffer(record[1], dtype="<u8")
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._run, name="zarr_orch-records", daemon=True
+                )
+                self._thread.start()
+            self._locations.setdefault(location.url, location)
+            self._pending.setdefault((location.url, name), {})[(row, col)] = values
 
-        future = self._pool.submit(write_record, location, row, col, record)
-        self._pending.append((future, location.url, row, col))
-        if len(self._pending) >= 4096:
-            self._collect(wait=False)
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self._write_pending()
 
-    def _collect(self, wait: bool) -> None:
-        keep = []
-        for future, url, row, col in self._pending:
-            if not wait and not future.done():
-                keep.append((future, url, row, col))
-                continue
-            exc = future.exception()
-            if exc is not None:
-                self._failed.append((url, row, col, exc))
-        self._pending = keep
+    def _write_pending(self) -> None:
+        with self._io:  # taken first: a flush waits for the background write in progress
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for (url, name), tiles in pending.items():
+                try:
+                    array = self._array(url, name)
+                except Exception as exc:
+                    self._failed.extend((url, r, c, exc) for r, c in tiles)
+                    continue
+                block_rows, block_cols = int(array.chunks[0]), int(array.chunks[1])
+                blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
+                for row, col in tiles:
+                    blocks.setdefault((row // block_rows, col // block_cols), []).append((row, col))
+                for (bi, bj), members in blocks.items():
+                    try:
+                        self._write_block(array, url, name, bi, bj, {t: tiles[t] for t in members})
+                    except Exception as exc:
+                        self._failed.extend((url, r, c, exc) for r, c in members)
+
+    def _array(self, url: str, name: str) -> Any:
+        array = self._arrays.get((url, name))
+        if array is None:
+            from zarr_orch.storage.product import store_handle
+
+            array = open_records(store_handle(self._locations[url]), name, mode="r+")
+            self._arrays[(url, name)] = array
+        return array
+
+    def _write_block(
+        self,
+        array: Any,
+        url: str,
+        name: str,
+        bi: int,
+        bj: int,
+        updates: dict[tuple[int, int], np.ndarray],
+    ) -> None:
+        """Merge `updates` into block (bi, bj) and rewrite it whole."""
+        block_rows, block_cols = int(array.chunks[0]), int(array.chunks[1])
+        r0, c0 = bi * block_rows, bj * block_cols
+        box = (slice(r0, r0 + block_rows), slice(c0, c0 + block_cols))
+        # read again each time: records of earlier runs, or forgotten since, are kept as stored
+        values = np.array(array[box])
+        for (row, col), record in updates.items():
+            values[row - r0, col - c0, :] = record
+        array[box] = values
 
     def flush(self) -> list[tuple[str, int, int, BaseException]]:
-        """Wait for every queued record; return (and forget) the failed ones."""
-        self._collect(wait=True)
-        failed, self._failed = self._failed, []
+        """Write every queued record now; return (and forget) the failed ones."""
+        self._write_pending()
+        with self._io:
+            failed, self._failed = self._failed, []
         return failed
 
     def close(self) -> None:
-        """Flush and stop the threads."""
+        """Flush and stop the background thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join()
         self.flush()
-        self._pool.shutdown(wait=True)

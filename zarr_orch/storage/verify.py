@@ -45,7 +45,7 @@ from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.location import Location
-from zarr_orch.storage.zarr_io import delete_key, list_keys
+from zarr_orch.storage.zarr_io import delete_key, get_many, list_keys, local_root
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +264,12 @@ class _ProductChecker:
             return
         store = self.location.zarr_store()
         for name, tiles in sorted(self.forget.items()):
-            for row, col in sorted(tiles):
-                delete_key(store, rec.record_key(name, row, col))
-                report.repaired.append((self.url, row, col))
+            try:
+                records = rec.open_records(store, name, mode="r+")
+            except FileNotFoundError:  # a malformed or missing records array: nothing to forget
+                continue
+            rec.forget_tiles(records, sorted(tiles))
+            report.repaired.extend((self.url, row, col) for row, col in sorted(tiles))
         for key in self.stray_keys:
             delete_key(store, key)
         logger.warning(
@@ -341,8 +344,10 @@ class _ProductChecker:
             why = f"its fields attribute {fields!r} does not match its tags {tags!r}"
         elif np.dtype(array.dtype) != np.dtype("uint64") or array.ndim != 3:
             why = f"it is {array.ndim}-D {array.dtype}, not 3-D uint64"
-        elif tuple(array.chunks) != (1, 1, len(fields)) or array.shape[2] != len(fields):
-            why = f"its shape {array.shape} / chunks {array.chunks} are not one record per tile"
+        elif array.chunks[2] != len(fields) or array.shape[2] != len(fields):
+            why = f"its shape {array.shape} / chunks {array.chunks} do not hold whole records"
+        elif array.metadata.codecs[1:]:
+            why = f"its records are encoded with {array.metadata.codecs[1:]}, not stored raw"
         elif self.grid_shape and tuple(array.shape[:2]) != self.grid_shape:
             why = (
                 f"it covers {tuple(array.shape[:2])} tiles but the product's tile grid is "
@@ -354,14 +359,16 @@ class _ProductChecker:
         return tuple(tags)
 
     def _records(self, name: str, tags: tuple[str, ...], report: VerifyReport) -> Iterator[_Record]:
-        """Valid records of array `name`, read in batches; malformed ones are reported."""
+        """Valid records of array `name`, block by block; malformed ones are reported."""
         prefix = f"{rec.META_GROUP}/{name}/c/"
         nfields = len(rec.BASE_FIELDS) + len(tags)
-        tiles: list[tuple[int, int]] = []
+        array = rec.open_records(self.store, name)
+        block_rows, block_cols = int(array.chunks[0]), int(array.chunks[1])
+        blocks: list[tuple[int, int]] = []
         for key in list_keys(self.store, prefix):
             parts = key[len(prefix) :].split("/")
             try:
-                row, col, last = (int(p) for p in parts)
+                bi, bj, last = (int(p) for p in parts)
             except ValueError:
                 last = -1
             if len(parts) != 3 or last != 0:
@@ -371,30 +378,44 @@ class _ProductChecker:
                 )
                 self.stray_keys.append(key)
                 continue
-            tiles.append((row, col))
-        tiles.sort()
-        for batch in _batches(tiles, BATCH):
-            raws = _get_many(self.store, [rec.record_key(name, r, c) for r, c in batch])
-            for (row, col), raw in zip(batch, raws, strict=True):
+            blocks.append((bi, bj))
+        blocks.sort()
+        size = block_rows * block_cols * nfields * 8
+        for batch in _batches(blocks, 64):
+            raws = get_many(self.store, [rec.block_key(name, bi, bj) for bi, bj in batch])
+            for (bi, bj), raw in zip(batch, raws, strict=True):
+                key = rec.block_key(name, bi, bj)
                 problem = None
-                values: np.ndarray | None = None
                 if self.grid_shape and not (
-                    0 <= row < self.grid_shape[0] and 0 <= col < self.grid_shape[1]
+                    0 <= bi * block_rows < self.grid_shape[0]
+                    and 0 <= bj * block_cols < self.grid_shape[1]
                 ):
-                    problem = f"tile outside the {self.grid_shape} tile grid"
-                elif raw is None:
-                    problem = "vanished while being checked"
-                elif len(raw) != 8 * nfields:
-                    problem = f"{len(raw)} bytes instead of {8 * nfields}"
-                else:
-                    values = np.frombuffer(raw, dtype="<u8")
-                    if int(values[0]) != 1:
-                        problem = f"done flag is {int(values[0])}, not 1"
-                if problem is not None or values is None:
+                    problem = f"records block {key} lies outside the {self.grid_shape} tile grid"
+                elif raw is not None and len(raw) != size:
+                    problem = f"records block {key} has {len(raw)} bytes instead of {size}"
+                if problem is not None:
                     report.checked += 1
-                    self._bad(report, name, row, col, "", f"{MALFORMED}: {problem}")
+                    self._bad(report, name, None, None, "", f"{MALFORMED}: {problem}")
+                    self.stray_keys.append(key)  # repair drops it: its tiles rerun
                     continue
-                yield _Record(row, col, tuple(int(v) for v in values[len(rec.BASE_FIELDS) :]))
+                if raw is None:  # vanished while being checked
+                    continue
+                values = np.frombuffer(raw, dtype="<u8").reshape(block_rows, block_cols, nfields)
+                for a, b in zip(*np.nonzero(values.any(axis=2)), strict=True):
+                    row, col = bi * block_rows + int(a), bj * block_cols + int(b)
+                    record = values[a, b]
+                    problem = None
+                    if self.grid_shape and not (
+                        row < self.grid_shape[0] and col < self.grid_shape[1]
+                    ):
+                        problem = f"tile outside the {self.grid_shape} tile grid"
+                    elif int(record[0]) != 1:
+                        problem = f"done flag is {int(record[0])}, not 1"
+                    if problem is not None:
+                        report.checked += 1
+                        self._bad(report, name, row, col, "", f"{MALFORMED}: {problem}")
+                        continue
+                    yield _Record(row, col, tuple(int(v) for v in record[len(rec.BASE_FIELDS) :]))
 
     # -- tiles ------------------------------------------------------------------------------------
     def _check_batch(
@@ -448,7 +469,7 @@ class _ProductChecker:
             except IndexError as exc:
                 regions.append(f"{MALFORMED}: {exc}")
         async_array = array._async_array
-        root = _local_root(self.store)
+        root = local_root(self.store)
 
         async def one(region: tuple[Any, str] | str) -> _Read:
             if isinstance(region, str):
@@ -741,36 +762,6 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
-
-def _get_many(store: Any, keys: list[str]) -> list[bytes | None]:
-    """The raw bytes of `keys`, fetched concurrently (one round trip per batch on S3);
-    plain file reads for a local store (zarr's thread hop per key costs ~0.5 ms)."""
-    from zarr.core.buffer import default_buffer_prototype
-
-    root = _local_root(store)
-    if root is not None:
-        result: list[bytes | None] = []
-        for key in keys:
-            try:
-                with open(os.path.join(root, key), "rb") as handle:
-                    result.append(handle.read())
-            except (FileNotFoundError, NotADirectoryError):
-                result.append(None)
-        return result
-
-    prototype = default_buffer_prototype()
-
-    async def fetch() -> list[Any]:
-        return await asyncio.gather(*(store.get(k, prototype=prototype) for k in keys))
-
-    return [None if b is None else b.to_bytes() for b in sync(fetch())]
-
-
-def _local_root(store: Any) -> str | None:
-    """The directory of a zarr LocalStore, None for any other store."""
-    root = getattr(store, "root", None)
-    return str(root) if root is not None and isinstance(store, zarr.storage.LocalStore) else None
 
 
 def _short(exc: BaseException) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
+import zarr
 from zarr.core.sync import sync
 
 
@@ -37,3 +40,33 @@ def get_bytes(store: Any, key: str) -> bytes | None:
 
     buffer = sync(store.get(key, prototype=default_buffer_prototype()))
     return None if buffer is None else buffer.to_bytes()
+
+
+def get_many(store: Any, keys: list[str]) -> list[bytes | None]:
+    """The raw bytes of `keys`, fetched concurrently (one round trip per batch on S3);
+    plain file reads for a local store (zarr's thread hop per key costs ~0.5 ms)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    root = local_root(store)
+    if root is not None:
+        result: list[bytes | None] = []
+        for key in keys:
+            try:
+                with open(os.path.join(root, key), "rb") as handle:
+                    result.append(handle.read())
+            except (FileNotFoundError, NotADirectoryError):
+                result.append(None)
+        return result
+
+    prototype = default_buffer_prototype()
+
+    async def fetch() -> list[Any]:
+        return await asyncio.gather(*(store.get(k, prototype=prototype) for k in keys))
+
+    return [None if b is None else b.to_bytes() for b in sync(fetch())]
+
+
+def local_root(store: Any) -> str | None:
+    """The directory of a zarr LocalStore, None for any other store."""
+    root = getattr(store, "root", None)
+    return str(root) if root is not None and isinstance(store, zarr.storage.LocalStore) else None
