@@ -8,6 +8,7 @@ after a crash; intermediate products resume; `tile_status` reflects the records.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -123,11 +124,15 @@ def test_resume_false_rebuilds_this_product_and_keeps_the_others(where):
 def test_second_concurrent_run_is_refused_naming_the_holder(where):
     out, options = where
     first = Orchestrator(_conf(options), out_dir=out)
+    package_logger = logging.getLogger("zarr_orch")
+    handlers = list(package_logger.handlers)
     try:
         with pytest.raises(LeaseError) as info:
             Orchestrator(_conf(options), out_dir=out)
         message = str(info.value)
         assert first.run_id in message and f"pid {os.getpid()}" in message
+        # the refused run detached its run log: later runs do not log every line twice
+        assert package_logger.handlers == handlers
     finally:
         first.cleanup()
     Orchestrator(_conf(options), out_dir=out).cleanup()  # free again once closed

@@ -180,18 +180,21 @@ class Orchestrator:
             self._runlog.header(self.run_id, self.get_conf())
         self._records = RecordWriter()
         self._lease: Lease | None = None
-        if launch_worker:
-            self._lease = Lease(
-                self.out_location, self.run_id, stale_after=self._conf["lease_timeout"]
-            )
-            self._lease.acquire()
         try:
+            if launch_worker:
+                self._lease = Lease(
+                    self.out_location, self.run_id, stale_after=self._conf["lease_timeout"]
+                )
+                self._lease.acquire()
             self.cluster: AbstractCluster = cluster_cls(
                 self._conf, self.out_location, launch_worker
             )
         except BaseException:
-            if self._lease is not None:
+            # a refused lease or a cluster that cannot start: leave nothing attached
+            if self._lease is not None and self._lease.held:
                 self._lease.release()
+            if self._runlog is not None:
+                self._runlog.close()
             raise
         logger.info(
             "orchestrator %s started: mode %s, out_dir %s",
@@ -509,11 +512,12 @@ class Orchestrator:
         return set.intersection(*sets)
 
     def _serve_tiles(self, to_serve: list[tuple]) -> list[tuple]:
-        """Put done replaced tiles, rebuilt from the store, in their cells.
+        """Put done replaced tiles, served by the store, in their cells.
 
+        Cells get lazy tiles, read and checked only when used (`tile_store.serve_tiles`).
         Returns the entries that could not be rebuilt exactly (they are recomputed).
         """
-        from zarr_orch.storage.tile_store import load_tiles
+        from zarr_orch.storage.tile_store import serve_tiles
 
         groups: dict[int, list[tuple]] = {}
         for entry in to_serve:
@@ -527,7 +531,7 @@ class Orchestrator:
                     break
                 state = self._products[(plan.location.url, plan.records)]
                 try:
-                    tiles = load_tiles(plan, list(pending), state.done)
+                    tiles = serve_tiles(plan, list(pending), state.done)
                 except Exception as exc:  # a damaged description only costs recomputation
                     logger.warning(
                         "tiles of %s cannot be served from %s (%s)",
