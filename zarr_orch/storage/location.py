@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import json
 import logging
 import os
@@ -345,7 +347,23 @@ def _with_defaults(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
         return out
 
     # deep copies: botocore rewrites the retries dict it is given
-    return merge(copy.deepcopy(PROTOCOL_DEFAULTS.get(protocol, {})), copy.deepcopy(options))
+    merged = merge(copy.deepcopy(PROTOCOL_DEFAULTS.get(protocol, {})), copy.deepcopy(options))
+    if protocol in ("s3", "s3a") and "max_concurrency" not in merged and _s3_has_max_concurrency():
+        # s3fs >= 2025 sizes every whole-object read with a HEAD (plus a listing when the key
+        # is missing) to split reads bigger than its block size: zarr's objects never are,
+        # and zarr runs its own concurrency, so that costs 1-2 extra requests per read
+        merged["max_concurrency"] = 1
+    return merged
+
+
+@functools.cache
+def _s3_has_max_concurrency() -> bool:
+    """Whether the installed s3fs takes the `max_concurrency` option."""
+    try:
+        import s3fs
+    except ImportError:
+        return False
+    return "max_concurrency" in inspect.signature(s3fs.S3FileSystem.__init__).parameters
 
 
 _FS_CACHE: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}

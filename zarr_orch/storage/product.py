@@ -253,6 +253,8 @@ def prepare_product(
 
         create_tile_descriptions(group, plan)
     forget_handles(plan.location)
+    if info is None:  # created just now: nothing is recorded yet (saves a listing)
+        return set()
     return rec.done_tiles(store, plan.records)
 
 

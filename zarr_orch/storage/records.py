@@ -46,9 +46,13 @@ def records_name(tags: Sequence[str]) -> str:
 
 def create_records(group: zarr.Group, name: str, grid_shape: tuple[int, int], tags: Sequence[str]):
     """Create (or open and check) the records array for `tags` on a (rows, cols) tile grid."""
-    meta = group.require_group(META_GROUP)
-    if not meta.attrs.get("description"):
-        meta.attrs["description"] = "zarr_orch bookkeeping: per-tile completion records"
+    try:
+        meta = group[META_GROUP]
+    except KeyError:  # one metadata write, attributes included (object stores: one PUT)
+        meta = group.create_group(
+            META_GROUP,
+            attributes={"description": "zarr_orch bookkeeping: per-tile completion records"},
+        )
     fields = [*BASE_FIELDS, *(f"crc32:{tag}" for tag in tags)]
     shape = (grid_shape[0], grid_shape[1], len(fields))
     if name in meta:

@@ -444,8 +444,28 @@ class RetryingStore(WrapperStore):
             yield group
 
     async def exists(self, key: str) -> bool:
-        """Whether a key exists, retrying transient errors."""
-        return await self._retry("checking", key, lambda: self._store.exists(key), True)
+        """Whether a key exists, retrying transient errors.
+
+        Asked as a one-byte ranged read: fsspec's exists is a HEAD and, for a missing key
+        (zarr asks about many while creating arrays), a directory listing as well; the read
+        is one request either way. A refused range falls back to the wrapped store's check.
+        """
+        from zarr.abc.store import RangeByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+
+        prototype = default_buffer_prototype()
+        try:
+            found = await self._retry(
+                "checking",
+                key,
+                lambda: self._store.get(key, prototype, RangeByteRequest(0, 1)),
+                True,
+            )
+        except StorageError:  # e.g. a range refused on an empty object
+            return await self._retry("checking", key, lambda: self._store.exists(key), True)
+        except FileNotFoundError:
+            return False
+        return found is not None
 
     async def is_empty(self, prefix: str) -> bool:
         """Whether nothing is stored under `prefix`, retrying transient errors."""
