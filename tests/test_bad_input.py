@@ -22,6 +22,7 @@ from app_tasks import (
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
+from zarr_orch.storage.location import Location
 
 H, W, TILE = 60, 90, (32, 48)
 
@@ -67,6 +68,22 @@ def test_unknown_mode_lists_the_modes(written, out_dir):
     assert "choose one of:" in message and "sequential" in message
     assert "multiprocessing" in message
     assert_intact(out_dir, written)
+
+
+def test_memory_store_with_worker_processes_is_refused_before_anything_runs():
+    conf = {"mode": "multiprocessing", "nb_workers": 1, "progress": False}
+    with (
+        pytest.raises(zo.ConfigurationError) as info,
+        Orchestrator(conf, out_dir="memory://zarr-orch-refused/run") as orch,
+    ):
+        cds = arrays_dataset(H, W, TILE, name="mem")
+        orch.add_to_save_lists("mem.tif", "hgt", cds)
+        schedule(orch, cds, array_tile, profile_for(H, W))
+        orch.breakpoint()
+    message = str(info.value)
+    assert "memory://zarr-orch-refused/run/mem.zarr is in the memory of this process" in message
+    assert "the tiles would be lost" in message and "Use mode 'sequential'" in message
+    assert not Location.parse("memory://zarr-orch-refused/run/mem.zarr").exists()
 
 
 def test_unknown_conf_key_suggests_and_lists_valid_keys(written, out_dir):

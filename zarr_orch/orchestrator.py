@@ -583,6 +583,7 @@ class Orchestrator:
         seen: dict[str, int] = {}
         for key, key_plans in plans.items():
             for plan in key_plans:
+                _check_shared(plan.location, self._conf["mode"])
                 for tag in plan.tag_names:
                     owner = seen.setdefault(f"{plan.location.url}::{tag}", key)
                     if owner != key:
@@ -803,6 +804,17 @@ def _failure_error(failures: list[tuple[TileSink, TaskError]], done: int) -> Tas
     )
     exc.failures = [(s.name, s.row, s.col, str(e)) for s, e in failures]
     return exc
+
+
+def _check_shared(location: Location, mode: str) -> None:
+    """Refuse a product in this process's memory when other processes write its tiles."""
+    if location.protocol == "memory" and mode != "sequential":
+        raise ConfigurationError(
+            f"{location.url} is in the memory of this process, but mode {mode!r} writes "
+            "tiles in worker processes, each with its own memory: the tiles would be lost. "
+            "Use mode 'sequential', or a local path or object store URL that every worker "
+            "reaches"
+        )
 
 
 def _check_out_dir(location: Location) -> None:
