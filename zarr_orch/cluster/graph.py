@@ -41,7 +41,10 @@ class TaskNode:
 
     def dependencies(self) -> list[Delayed]:
         """Delayed objects this node consumes, in argument order (with repeats)."""
-        return list(iter_delayed((self.args, self.kwargs)))
+        found: list[Delayed] = []
+        _collect_delayed(self.args, found)
+        _collect_delayed(self.kwargs, found)
+        return found
 
     def __repr__(self) -> str:
         return f"TaskNode({self.name}, nout={self.nout}, uid={self.uid})"
@@ -87,6 +90,27 @@ def iter_delayed(obj: Any) -> Iterator[Delayed]:
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from iter_delayed(item)
+
+
+#: exact types that never hold a Delayed: skipped without a call (tile args are mostly these)
+_LEAF_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _collect_delayed(obj: Any, found: list[Delayed]) -> None:
+    """Append to `found` what `iter_delayed(obj)` yields, in order, without nested generators.
+
+    Every scheduler walks every node's arguments, so this runs for each tile of a breakpoint.
+    """
+    if isinstance(obj, Delayed):
+        found.append(obj)
+        return
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, list | tuple | set | frozenset):
+        return
+    for item in obj:
+        if type(item) not in _LEAF_TYPES:
+            _collect_delayed(item, found)
 
 
 def substitute(obj: Any, resolve: Callable[[Delayed], Any]) -> Any:

@@ -38,14 +38,7 @@ from typing import Any
 import psutil
 
 from zarr_orch.cluster.base import AbstractCluster, Option, Outcome, TaskError
-from zarr_orch.cluster.graph import (
-    Delayed,
-    GraphTasks,
-    TaskNode,
-    split_outputs,
-    substitute,
-    topological_nodes,
-)
+from zarr_orch.cluster.graph import Delayed, GraphTasks, TaskNode, split_outputs, substitute
 from zarr_orch.errors import ConfigurationError, ZarrOrchError
 
 logger = logging.getLogger(__name__)
@@ -342,31 +335,20 @@ _PENDING, _RUNNING, _FINISHED = "pending", "running", "finished"
 
 
 class _Job:
-    """A node plus the nodes fused into it; the unit sent to one worker call."""
+    """A node plus the nodes fused into it; the unit sent to one worker call.
 
-    __slots__ = (
-        "attempts",
-        "batch",
-        "dependents",
-        "ext_deps",
-        "futures",
-        "id",
-        "in_job",
-        "state",
-        "steps",
-        "waiting",
-        "wanted",
-    )
+    A breakpoint holds one per tile, so a job keeps only what scheduling needs, in tuples
+    (shared when empty); the uids it holds and the outputs it sends back are derived on demand.
+    """
 
-    def __init__(self, job_id: int, batch: _Batch, head: TaskNode) -> None:
-        self.id = job_id
+    __slots__ = ("attempts", "batch", "ext_deps", "futures", "state", "steps", "waiting")
+
+    def __init__(self, batch: _Batch, head: TaskNode) -> None:
         self.batch = batch
-        self.steps: list[TaskNode] = [head]
-        self.in_job: set[int] = {head.uid}
-        self.ext_deps: set[int] = set()
-        self.dependents: list[_Job] = []
-        self.futures: list[MpFuture] = []
-        self.wanted: set[int] = set()
+        self.steps: tuple[TaskNode, ...] = (head,)
+        #: uids of outputs of other jobs this one consumes (the head's dependencies among them)
+        self.ext_deps: tuple[int, ...] = ()
+        self.futures: tuple[MpFuture, ...] = ()
         self.waiting = 0
         self.attempts = 0
         self.state = _PENDING
@@ -380,24 +362,134 @@ class _Job:
         rest = ", ".join(repr(step.name) for step in self.steps[1:])
         return f"task {head} (with fused {rest})"
 
+    def uids(self) -> list[int]:
+        """Uids of the nodes this job runs (head first)."""
+        return [step.uid for step in self.steps]
+
+    def wanted(self) -> list[int]:
+        """Uids whose outputs must come back: those of futures and of other jobs' inputs."""
+        wanted = {future.delayed.node.uid for future in self.futures}
+        consumers = self.batch.consumers
+        if consumers:
+            wanted.update(step.uid for step in self.steps if step.uid in consumers)
+        return sorted(wanted)
+
+    def dependents(self) -> Iterator[_Job]:
+        """Jobs of the same batch consuming an output of this one."""
+        consumers = self.batch.consumers
+        if consumers:
+            for step in self.steps:
+                yield from consumers.get(step.uid, ())
+
     def needed(self) -> bool:
         """True while some future or dependent job still wants this job's outputs."""
         if any(not f.cancelled for f in self.futures):
             return True
-        return any(d.state != _FINISHED and d.needed() for d in self.dependents)
+        return any(d.state != _FINISHED and d.needed() for d in self.dependents())
 
 
 class _Batch:
-    """The graph state of one `start_tasks` call: node outputs kept for pending consumers."""
+    """The graph state of one `start_tasks` call: node outputs kept for pending consumers.
 
-    __slots__ = ("consumers", "job_of", "nodes", "refs", "values")
+    Only nodes consumed by another job appear here, and only until their last consumer is
+    done, so a batch of independent tiles costs nothing per tile once planned.
+    """
+
+    __slots__ = ("consumers", "refs", "values")
 
     def __init__(self) -> None:
-        self.nodes: dict[int, TaskNode] = {}
-        self.job_of: dict[int, _Job] = {}
+        #: node uid -> jobs consuming its output (dropped once the node's job is finished)
         self.consumers: dict[int, list[_Job]] = {}
+        #: node uid -> outputs held for pending consumers
         self.values: dict[int, list[Any]] = {}
+        #: node uid -> consumers not finished yet
         self.refs: dict[int, int] = {}
+
+
+#: `_walk`'s mark of a node used by several nodes, or returned itself (never fused into a user)
+_SHARED = -1
+
+
+def _walk(
+    roots: list[Delayed],
+) -> tuple[list[TaskNode], dict[int, tuple[Delayed, ...]], dict[int, int]]:
+    """Nodes needed by `roots`, dependencies first, each node's dependencies, its only user.
+
+    The order is `topological_nodes`'s; one pass computes each node's dependencies once and
+    records, per used node, its single user's uid or `_SHARED` (no per-node sets).
+    """
+    order: list[TaskNode] = []
+    deps_of: dict[int, tuple[Delayed, ...]] = {}  # also the set of visited nodes
+    users: dict[int, int] = {}
+    for root in roots:
+        stack: list[tuple[TaskNode, tuple[Delayed, ...] | None]] = [(root.node, None)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded is not None:
+                order.append(node)
+                continue
+            uid = node.uid
+            if uid in deps_of:
+                continue
+            found = node.dependencies()
+            deps = tuple(found) if found else ()
+            deps_of[uid] = deps
+            stack.append((node, deps))
+            for dep in reversed(deps):
+                parent = dep.node.uid
+                if users.setdefault(parent, uid) != uid:
+                    users[parent] = _SHARED
+                if parent not in deps_of:
+                    stack.append((dep.node, None))
+    for root in roots:
+        if root.node.uid in users:
+            users[root.node.uid] = _SHARED
+    return order, deps_of, users
+
+
+def _plan_jobs(batch: _Batch, roots: list[Delayed]) -> tuple[list[_Job], dict[int, _Job]]:
+    """Group the graph of `roots` into jobs; return them and the job of each node uid.
+
+    A node joins the job of its single dependency when it is fused (a sink) or is that
+    dependency's only user and the dependency is not itself returned (a chain link). Other
+    dependencies become the job's `ext_deps`, recorded in the batch as consumers.
+    """
+    order, deps_of, users = _walk(roots)
+    job_of: dict[int, _Job] = {}
+    jobs: list[_Job] = []
+    for node in order:
+        uid = node.uid
+        deps = deps_of[uid]
+        host = None
+        if deps:
+            parent = deps[0].node.uid
+            if (node.fused or users[parent] == uid) and all(dep.node.uid == parent for dep in deps):
+                host = job_of[parent]
+        if host is None:
+            host = _Job(batch, node)
+            jobs.append(host)
+        else:
+            host.steps += (node,)
+        job_of[uid] = host
+    del order, users
+    consumers = batch.consumers
+    for job in jobs:
+        ext: dict[int, None] | None = None
+        for step in job.steps:
+            for dep in deps_of[step.uid]:
+                uid = dep.node.uid
+                if job_of[uid] is job or (ext is not None and uid in ext):
+                    continue
+                if ext is None:
+                    ext = {}
+                ext[uid] = None
+                consumers.setdefault(uid, []).append(job)
+        if ext:
+            job.ext_deps = tuple(ext)
+            job.waiting = len(ext)
+    for uid, consumer_jobs in consumers.items():
+        batch.refs[uid] = len(consumer_jobs)
+    return jobs, job_of
 
 
 class _Worker:
@@ -467,7 +559,11 @@ class _WorkerSet:
         self.tmp_dir: str | None = None
 
     def shutdown(self) -> None:
-        """Stop every worker (gracefully if idle, terminate if busy), join them, remove scratch."""
+        """Stop every worker (gracefully if idle, terminate if busy or still starting), join them.
+
+        A worker still importing has nothing to lose: waiting for it to finish starting would
+        make a run with nothing to compute pay the whole worker start-up at exit.
+        """
         workers, self.workers = self.workers, []
         for worker in workers:
             # an idle worker exits at once (EOF alone is not enough with fork)
@@ -475,7 +571,7 @@ class _WorkerSet:
                 worker.task_conn.send_bytes(b"")
             with contextlib.suppress(OSError):
                 worker.task_conn.close()
-            if worker.jobs and worker.process.is_alive():
+            if (worker.jobs or not worker.ready) and worker.process.is_alive():
                 worker.process.terminate()
         deadline = time.monotonic() + 2.0
         for worker in workers:
@@ -543,7 +639,6 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._closed = False
         self._ready: deque[_Job] = deque()
         self._in_flight = 0
-        self._job_ids = itertools.count()
         self._worker_ids = itertools.count()
         self._scatter_ids = itertools.count()
         self._completed: list[MpFuture] = []
@@ -621,90 +716,51 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         """Plan the jobs of `task_list`, send the first ones to workers, return one future each."""
         self._ensure_started()
         batch = _Batch()
-        roots = [task for task in task_list if isinstance(task, Delayed)]
-        nodes = topological_nodes(roots)
-        deps_of: dict[int, list[Delayed]] = {}
-        users: dict[int, set[int]] = {}
-        root_uids = {root.node.uid for root in roots}
-        for node in nodes:
-            batch.nodes[node.uid] = node
-            deps_of[node.uid] = node.dependencies()
-            for dep in deps_of[node.uid]:
-                users.setdefault(dep.node.uid, set()).add(node.uid)
-
-        jobs: list[_Job] = []
-        for node in nodes:
-            dep_uids = {dep.node.uid for dep in deps_of[node.uid]}
-            host = None
-            if len(dep_uids) == 1:
-                (parent,) = dep_uids
-                # explicit fusion (sinks), or a chain link whose parent has no other use
-                only_user = users.get(parent) == {node.uid} and parent not in root_uids
-                if node.fused or only_user:
-                    host = batch.job_of[parent]
-            if host is None:
-                host = _Job(next(self._job_ids), batch, node)
-                jobs.append(host)
-            else:
-                host.steps.append(node)
-                host.in_job.add(node.uid)
-            batch.job_of[node.uid] = host
-
-        for job in jobs:
-            for step in job.steps:
-                for dep in deps_of[step.uid]:
-                    uid = dep.node.uid
-                    if uid in job.in_job or uid in job.ext_deps:
-                        continue
-                    job.ext_deps.add(uid)
-                    batch.consumers.setdefault(uid, []).append(job)
-                    batch.job_of[uid].dependents.append(job)
-                    batch.job_of[uid].wanted.add(uid)
-            job.waiting = len(job.ext_deps)
-        for uid, consumer_jobs in batch.consumers.items():
-            batch.refs[uid] = len(consumer_jobs)
-
+        jobs, job_of = _plan_jobs(batch, [task for task in task_list if isinstance(task, Delayed)])
         futures: list[MpFuture] = []
         for task in task_list:
             future = MpFuture(task)
             futures.append(future)
             if isinstance(task, Delayed):
-                job = batch.job_of[task.node.uid]
-                job.futures.append(future)
-                job.wanted.add(task.node.uid)
+                job = job_of[task.node.uid]
+                job.futures += (future,)
             else:  # already a value: nothing to compute
                 future.value, future.done = task, True
                 self._completed.append(future)
-        for job in jobs:
-            if job.waiting == 0:
-                self._ready.append(job)
-        logger.debug(
-            "start_tasks: %d futures, %d nodes, %d jobs", len(futures), len(nodes), len(jobs)
-        )
+        del job_of
+        self._ready.extend(job for job in jobs if not job.waiting)
+        logger.debug("start_tasks: %d futures, %d jobs", len(futures), len(jobs))
+        del jobs
         self._dispatch()
         return futures
 
     # -- dispatching --------------------------------------------------------------------------
     def _payload(self, job: _Job) -> bytes:
-        batch = job.batch
+        """Pickle a job: its steps with inputs from other jobs resolved, in-job ones as refs."""
+        values = job.batch.values
+        in_job: set[int] = set()
 
         def resolve(dep: Delayed) -> Any:
             uid = dep.node.uid
-            if uid in job.in_job:
+            if uid in in_job:
                 return _Ref(uid, dep.index)
-            outputs = batch.values[uid]
+            outputs = values[uid]
             return outputs[0] if dep.index is None else outputs[dep.index]
 
         steps = []
-        for node in job.steps:
-            deps = node.dependencies()
+        for position, node in enumerate(job.steps):
             args, kwargs = node.args, node.kwargs
+            refs: list[int] = []
+            # the head's dependencies are all external: none when the job has no ext_deps
+            deps = node.dependencies() if position or job.ext_deps else None
             if deps:
+                if position and not in_job:
+                    in_job.update(job.uids())
                 args = substitute(args, resolve)
                 kwargs = substitute(kwargs, resolve)
-            in_job = sorted({d.node.uid for d in deps if d.node.uid in job.in_job})
-            steps.append((node.uid, node.name, node.func, args, kwargs, node.nout, in_job))
-        return pickle.dumps((job.id, steps, sorted(job.wanted)), _PICKLE_PROTOCOL)
+                refs = sorted({d.node.uid for d in deps if d.node.uid in in_job})
+            steps.append((node.uid, node.name, node.func, args, kwargs, node.nout, refs))
+        return pickle.dumps((id(job), steps, job.wanted()), _PICKLE_PROTOCOL)
 
     def _dispatch(self) -> None:
         """Send ready jobs to the least loaded workers, within the in-flight bound."""
@@ -723,7 +779,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             except Exception as exc:
                 error = _task_error(exc)
                 error.message = f"the arguments of {job.name} cannot be pickled: {exc}"
-                self._finish_job(job, {}, dict.fromkeys(job.in_job, error))
+                self._finish_job(job, {}, dict.fromkeys(job.uids(), error))
                 continue
             try:
                 worker.task_conn.send_bytes(payload)
@@ -773,8 +829,8 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             self._attempt_failed(job, error)
         else:
             del data
-            if job_id is not None and job_id != job.id:  # pragma: no cover - protocol bug
-                raise ZarrOrchError(f"worker {worker.name} answered job {job_id}, not {job.id}")
+            if job_id is not None and job_id != id(job):  # pragma: no cover - protocol bug
+                raise ZarrOrchError(f"worker {worker.name} answered job {job_id}, not {id(job)}")
             if errors:
                 self._job_errors(job, outputs, errors)
             else:
@@ -802,7 +858,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         step_errors: dict[int, TaskError] = {}
         if None in errors:  # the whole job failed (payload or reply could not be pickled)
             whole = errors[None][1]
-            step_errors = dict.fromkeys(job.in_job, whole)
+            step_errors = dict.fromkeys(job.uids(), whole)
         names = {step.uid: step.name for step in job.steps}
         for step in job.steps:
             if step.uid in step_errors or step.uid not in errors:
@@ -823,7 +879,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             job.state = _PENDING
             self._ready.appendleft(job)
         else:
-            self._finish_job(job, {}, dict.fromkeys(job.in_job, error))
+            self._finish_job(job, {}, dict.fromkeys(job.uids(), error))
 
     def _finish_job(
         self, job: _Job, outputs: dict[int, list[Any]], step_errors: dict[int, TaskError]
@@ -845,23 +901,30 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
                 )
             future.done = True
             self._completed.append(future)
+        refs, values = batch.refs, batch.values
         for uid in job.ext_deps:
-            left = batch.refs.get(uid, 0) - 1
-            batch.refs[uid] = left
-            if left <= 0:
-                batch.values.pop(uid, None)
-        for uid in job.in_job:
-            consumers = batch.consumers.get(uid)
+            left = refs.get(uid, 0) - 1
+            if left > 0:
+                refs[uid] = left
+            else:  # its last consumer: drop the kept output
+                refs.pop(uid, None)
+                values.pop(uid, None)
+        if not batch.consumers:
+            return
+        for step in job.steps:
+            uid = step.uid
+            # this job finishes once: its consumers are woken (or failed) now, then forgotten
+            consumers = batch.consumers.pop(uid, None)
             if not consumers:
                 continue
             if uid in step_errors:
-                upstream = _upstream_error(batch.nodes[uid].name, step_errors[uid])
+                upstream = _upstream_error(step.name, step_errors[uid])
                 for consumer in consumers:
                     if consumer.state == _PENDING:
-                        self._finish_job(consumer, {}, dict.fromkeys(consumer.in_job, upstream))
+                        self._finish_job(consumer, {}, dict.fromkeys(consumer.uids(), upstream))
                 continue
-            if batch.refs.get(uid, 0) > 0:
-                batch.values[uid] = outputs[uid]
+            if refs.get(uid, 0) > 0:
+                values[uid] = outputs[uid]
             for consumer in consumers:
                 if consumer.state != _PENDING:
                     continue
@@ -1038,23 +1101,23 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         A running task is killed (and counts as a failed attempt) when it has run for
         `timeout` seconds while no task completed at all.
         """
-        pending = {id(f): f for f in future_list}
+        pending = set(future_list)  # identity-hashed: no per-future id() ints
         self._last_completion = time.monotonic()
-        queued = {id(f) for f in self._completed}
-        for future in list(pending.values()):  # yielded before: its value is gone
-            if future.done and id(future) not in queued:
-                del pending[id(future)]
+        queued = set(self._completed)
+        for future in future_list:  # yielded before: its value is gone
+            if future.done and future in pending and future not in queued:
+                pending.discard(future)
                 yield Outcome(future, error=future.error, attempts=future.attempts)
         try:
             while pending:
-                mine = [f for f in self._completed if id(f) in pending]
+                mine = [f for f in self._completed if f in pending]
                 if not mine:
                     self._check_open()
                     self._pump(timeout)
                     continue
-                self._completed = [f for f in self._completed if id(f) not in pending]
+                self._completed = [f for f in self._completed if f not in pending]
                 for future in mine:
-                    del pending[id(future)]
+                    pending.discard(future)
                     outcome = Outcome(
                         future, value=future.value, error=future.error, attempts=future.attempts
                     )
@@ -1075,7 +1138,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             if job.state == _PENDING and not job.needed():
                 self._ready.remove(job)
                 error = TaskError("CancelledError", f"{job.name} was cancelled", "")
-                self._finish_job(job, {}, dict.fromkeys(job.in_job, error))
+                self._finish_job(job, {}, dict.fromkeys(job.uids(), error))
 
     def cleanup(self, **kwargs: Any) -> None:
         """Stop and join every worker process and remove the scratch dir (idempotent)."""
