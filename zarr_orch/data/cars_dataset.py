@@ -151,7 +151,8 @@ def _check_index(value: Any, size: int, axis: str, shape: tuple[int, int]) -> in
 class CarsDataset:
     """2-D grid of tiles (xr.Dataset, pd.DataFrame or CarsDict) with its tiling grid.
 
-    ``tiles[row][col]`` holds None (no work), a delayed object or a concrete tile;
+    ``tiles[row][col]`` holds None (no work), a delayed object or a concrete tile (a tile
+    a rerun serves from the store is an xr.Dataset whose values are read on first use);
     ``tiling_grid`` and ``overlaps`` are ``[N, M, 4]`` arrays (see ``zarr_orch.data.tiling``).
     ``tiles_info`` is persisted by :meth:`save_cars_dataset`, and so is ``attributes``
     (unlike CARS, which drops it).
@@ -361,8 +362,8 @@ class CarsDataset:
         """Save grid, overlaps, tiles_info, attributes, meta and concrete tiles to ``directory``.
 
         Layout: ``grid.npy``, ``overlaps.npy``, ``tiles_info.json``, ``attributes.json``,
-        ``meta.json`` and one ``tile_{row}_{col}.pkl`` per non-None tile. Raises TileError
-        (before writing anything) if a tile is not concrete (e.g. still delayed).
+        ``meta.json`` and one ``tile_{row}_{col}.pkl`` per non-None tile (lazy tiles are read
+        first). Raises TileError (before writing anything) if a tile is not concrete.
         """
         grid = self._require_grid()
         nb_rows, nb_cols = self.shape
@@ -395,8 +396,13 @@ class CarsDataset:
             if _TILE_FILE_RE.match(stale.name) and stale.name not in wanted:
                 stale.unlink()
         for row, col in saved:
+            tile = self.tiles[row][col]
+            if isinstance(tile, xr.Dataset):
+                # tiles served lazily from a product are read (and checked) here, so the
+                # saved directory holds their data, not a reference to the product
+                tile = tile.load()
             with open(path / tile_file_name(row, col), "wb") as stream:
-                pickle.dump(self.tiles[row][col], stream, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump(tile, stream, protocol=pickle.HIGHEST_PROTOCOL)
 
         # meta last: a directory without it is an interrupted save
         save_dict(
