@@ -8,7 +8,6 @@ writes the first tile (the main process or a worker) with deterministic metadata
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -31,6 +30,7 @@ from zarr_orch.storage.encoding import (
     xarray_fill_attrs,
 )
 from zarr_orch.storage.location import Location
+from zarr_orch.storage.zarr_io import publish
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +229,18 @@ def prepare_product(
     store = plan.location.zarr_store()
     if info is None:
         plan.location.makedirs()
-        # one write: a crash can never leave a group without its zarr_orch attributes
-        group = zarr.create_group(store, attributes=attributes, zarr_format=3, overwrite=False)
+        # built in memory with zarr's API, then every document stored at once; the group's
+        # one document carries its zarr_orch attributes, so a crash never leaves it without
+        staged = zarr.storage.MemoryStore()
+        group = zarr.create_group(staged, attributes=attributes, zarr_format=3)
+        rec.create_records(group, plan.records, plan.grid_shape, plan.tag_names)
+        if plan.describe_tiles and plan.kind == cst.CARS_DS_TYPE_ARRAY:
+            from zarr_orch.storage.tile_store import create_tile_descriptions
+
+            create_tile_descriptions(group, plan)
+        publish(staged, store)
+        forget_handles(plan.location)
+        return set()  # created just now: nothing is recorded yet
     else:
         group = zarr.open_group(store, mode="r+", zarr_format=3)
         if info.get("kind", plan.kind) != plan.kind:
@@ -253,8 +263,6 @@ def prepare_product(
 
         create_tile_descriptions(group, plan)
     forget_handles(plan.location)
-    if info is None:  # created just now: nothing is recorded yet (saves a listing)
-        return set()
     return rec.done_tiles(store, plan.records)
 
 
@@ -388,7 +396,11 @@ def _create_array(
     group: zarr.Group, plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: dict
 ) -> None:
     height, width = shape[-2:]
-    _ensure_coordinates(group, height, width, shape[0] if len(shape) == 3 else None, geo)
+    # missing nodes are built in memory with zarr's API and stored all at once (identical
+    # bytes from racing creators; one round trip on object stores instead of one per node)
+    staged = zarr.create_group(zarr.storage.MemoryStore(), zarr_format=3)
+    bands = shape[0] if len(shape) == 3 else None
+    _ensure_coordinates(group, staged, height, width, bands, geo)
     attrs, fill_value = xarray_fill_attrs(tag.dtype, tag.nodata, len(shape))
     coords = []
     if geo.get("has_xy"):
@@ -400,24 +412,26 @@ def _create_array(
         attrs["coordinates"] = " ".join(coords)
     dims = [cst.ROW, cst.COL] if len(shape) == 2 else [cst.BAND, cst.ROW, cst.COL]
     chunks = tuple(plan.chunks) if len(shape) == 2 else (shape[0], *plan.chunks)
-    with contextlib.suppress(zarr.errors.ContainsArrayError):  # created first by another writer
-        group.create_array(
-            tag.name,
-            shape=shape,
-            chunks=chunks,
-            dtype=tag.dtype,
-            fill_value=fill_value,
-            dimension_names=dims,
-            attributes=attrs,
-            compressors=compressors_for(plan.codec, plan.checksum),
-            overwrite=False,
-        )
+    staged.create_array(
+        tag.name,
+        shape=shape,
+        chunks=chunks,
+        dtype=tag.dtype,
+        fill_value=fill_value,
+        dimension_names=dims,
+        attributes=attrs,
+        compressors=compressors_for(plan.codec, plan.checksum),
+    )
+    publish(staged.store, group.store_path.store, skip=("zarr.json",), prefix=group.path)
 
 
 def _ensure_coordinates(
-    group: zarr.Group, height: int, width: int, bands: int | None, geo: dict
+    group: zarr.Group, staged: zarr.Group, height: int, width: int, bands: int | None, geo: dict
 ) -> None:
-    """Index coordinates row/col (pixel numbers), x/y from the transform, spatial_ref."""
+    """Index coordinates row/col (pixel numbers), x/y from the transform, spatial_ref.
+
+    Existing ones (in `group`) are checked and rewritten; missing ones go to `staged`.
+    """
     existing = set(group.array_keys())
 
     def put(name: str, values: np.ndarray, dims: list[str], attrs: dict[str, Any]) -> None:
@@ -431,20 +445,16 @@ def _ensure_coordinates(
                 )
             stored[...] = values  # same bytes again: heals a crash between create and write
             return
-        try:
-            array = group.create_array(
-                name,
-                shape=values.shape,
-                chunks=values.shape or (),
-                dtype=values.dtype,
-                dimension_names=dims,
-                attributes=attrs,
-                overwrite=False,
-                fill_value=0,
-            )
-            array[...] = values
-        except zarr.errors.ContainsArrayError:
-            pass
+        array = staged.create_array(
+            name,
+            shape=values.shape,
+            chunks=values.shape or (),
+            dtype=values.dtype,
+            dimension_names=dims,
+            attributes=attrs,
+            fill_value=0,
+        )
+        array[...] = values
 
     put(cst.ROW, np.arange(height, dtype="int64"), [cst.ROW], {"long_name": "pixel row"})
     put(cst.COL, np.arange(width, dtype="int64"), [cst.COL], {"long_name": "pixel column"})

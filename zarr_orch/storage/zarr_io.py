@@ -70,3 +70,32 @@ def local_root(store: Any) -> str | None:
     """The directory of a zarr LocalStore, None for any other store."""
     root = getattr(store, "root", None)
     return str(root) if root is not None and isinstance(store, zarr.storage.LocalStore) else None
+
+
+def publish(source: Any, target: Any, skip: tuple[str, ...] = (), prefix: str = "") -> int:
+    """Copy every key of `source` (a small MemoryStore) to `target`, all writes at once.
+
+    Metadata built with zarr's own API in memory, then stored concurrently: creating a
+    product's nodes costs one round trip on an object store instead of one per node (and
+    zarr's existence checks before each). Keys land under `prefix` in `target`. Returns
+    the number of keys written.
+    """
+    keys = [key for key in list_keys(source, "") if key not in skip]
+    if not keys:
+        return 0
+    values = sync(_get_all(source, keys))
+
+    async def put_all() -> None:
+        base = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        pairs = zip(keys, values, strict=True)
+        await asyncio.gather(*(target.set(base + k, v) for k, v in pairs if v is not None))
+
+    sync(put_all())
+    return len(keys)
+
+
+async def _get_all(store: Any, keys: list[str]) -> list[Any]:
+    from zarr.core.buffer import default_buffer_prototype
+
+    prototype = default_buffer_prototype()
+    return list(await asyncio.gather(*(store.get(k, prototype=prototype) for k in keys)))
