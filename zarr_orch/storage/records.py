@@ -184,7 +184,6 @@ class RecordWriter:
         #: (url, name) -> {(row, col): record row} waiting to be written
         self._pending: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
         self._locations: dict[str, Any] = {}
-        self._arrays: dict[tuple[str, str], Any] = {}
         self._failed: list[tuple[str, int, int, BaseException]] = []
         self._wake = threading.Event()
         self._closed = False
@@ -229,13 +228,11 @@ class RecordWriter:
                         self._failed.extend((url, r, c, exc) for r, c in members)
 
     def _array(self, url: str, name: str) -> Any:
-        array = self._arrays.get((url, name))
-        if array is None:
-            from zarr_orch.storage.product import store_handle
+        """The records array, opened again at each write: a product reset (overwrite) by a
+        later breakpoint may have recreated it with another tile grid."""
+        from zarr_orch.storage.product import store_handle
 
-            array = open_records(store_handle(self._locations[url]), name, mode="r+")
-            self._arrays[(url, name)] = array
-        return array
+        return open_records(store_handle(self._locations[url]), name, mode="r+")
 
     def _write_block(
         self,
