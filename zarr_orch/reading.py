@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
-import zarr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
@@ -73,7 +72,7 @@ def list_records(location: Location, info: dict[str, Any]) -> list[RecordsArray]
     result = []
     for name in info.get("records") or []:
         try:
-            array = zarr.open_array(store, path=f"{rec.META_GROUP}/{name}", mode="r", zarr_format=3)
+            array = rec.open_records(store, name)
         except FileNotFoundError:
             logger.warning(
                 "%s declares completion records %s that do not exist", location.url, name

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-import zarr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
@@ -48,7 +47,7 @@ _NOT_GIVEN: Any = object()
 def _read_records(location: Location, name: str) -> np.ndarray:
     """The whole records array (tile rows, tile cols, fields) as uint64; absent chunks are 0."""
     store = location.zarr_store(read_only=True)
-    array = zarr.open_array(store, path=f"{rec.META_GROUP}/{name}", mode="r", zarr_format=3)
+    array = rec.open_records(store, name)
     return np.asarray(array[...], dtype="uint64")
 
 

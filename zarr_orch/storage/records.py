@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -150,21 +150,39 @@ def done_tiles(store: Any, name: str) -> set[tuple[int, int]]:
     return {(row, col) for row, col, values in read_records(store, name) if int(values[0]) == 1}
 
 
-def forget_tiles(records: Any, tiles: Sequence[tuple[int, int]]) -> None:
-    """Clear the records of `tiles` so a later run recomputes them (one rewrite per block)."""
+def tiles_by_block(
+    records: Any, tiles: Iterable[tuple[int, int]]
+) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """The tiles of `tiles` inside the records' grid, grouped by records block."""
     block_rows, block_cols = int(records.chunks[0]), int(records.chunks[1])
-    blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
     rows, cols = int(records.shape[0]), int(records.shape[1])
+    blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for row, col in tiles:
         if 0 <= row < rows and 0 <= col < cols:
             blocks.setdefault((row // block_rows, col // block_cols), []).append((row, col))
-    for (bi, bj), members in sorted(blocks.items()):
-        r0, c0 = bi * block_rows, bj * block_cols
-        box = (slice(r0, r0 + block_rows), slice(c0, c0 + block_cols))
-        values = np.array(records[box])
-        for row, col in members:
-            values[row - r0, col - c0, :] = 0
-        records[box] = values
+    return blocks
+
+
+def rewrite_block(
+    records: Any, block: tuple[int, int], updates: dict[tuple[int, int], Any]
+) -> None:
+    """Set the records of `updates`' tiles (a record row, or 0 to forget) in one block write.
+
+    The block is read again first, so the records of its other tiles are kept as stored.
+    """
+    block_rows, block_cols = int(records.chunks[0]), int(records.chunks[1])
+    r0, c0 = block[0] * block_rows, block[1] * block_cols
+    box = (slice(r0, r0 + block_rows), slice(c0, c0 + block_cols))
+    values = np.array(records[box])
+    for (row, col), record in updates.items():
+        values[row - r0, col - c0, :] = record
+    records[box] = values
+
+
+def forget_tiles(records: Any, tiles: Sequence[tuple[int, int]]) -> None:
+    """Clear the records of `tiles` so a later run recomputes them (one rewrite per block)."""
+    for block, members in sorted(tiles_by_block(records, tiles).items()):
+        rewrite_block(records, block, dict.fromkeys(members, 0))
 
 
 class RecordWriter:
@@ -217,13 +235,9 @@ class RecordWriter:
                 except Exception as exc:
                     self._failed.extend((url, r, c, exc) for r, c in tiles)
                     continue
-                block_rows, block_cols = int(array.chunks[0]), int(array.chunks[1])
-                blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
-                for row, col in tiles:
-                    blocks.setdefault((row // block_rows, col // block_cols), []).append((row, col))
-                for (bi, bj), members in blocks.items():
+                for block, members in tiles_by_block(array, tiles).items():
                     try:
-                        self._write_block(array, url, name, bi, bj, {t: tiles[t] for t in members})
+                        rewrite_block(array, block, {t: tiles[t] for t in members})
                     except Exception as exc:
                         self._failed.extend((url, r, c, exc) for r, c in members)
 
@@ -233,25 +247,6 @@ class RecordWriter:
         from zarr_orch.storage.product import store_handle
 
         return open_records(store_handle(self._locations[url]), name, mode="r+")
-
-    def _write_block(
-        self,
-        array: Any,
-        url: str,
-        name: str,
-        bi: int,
-        bj: int,
-        updates: dict[tuple[int, int], np.ndarray],
-    ) -> None:
-        """Merge `updates` into block (bi, bj) and rewrite it whole."""
-        block_rows, block_cols = int(array.chunks[0]), int(array.chunks[1])
-        r0, c0 = bi * block_rows, bj * block_cols
-        box = (slice(r0, r0 + block_rows), slice(c0, c0 + block_cols))
-        # read again each time: records of earlier runs, or forgotten since, are kept as stored
-        values = np.array(array[box])
-        for (row, col), record in updates.items():
-            values[row - r0, col - c0, :] = record
-        array[box] = values
 
     def flush(self) -> list[tuple[str, int, int, BaseException]]:
         """Write every queued record now; return (and forget) the failed ones."""
