@@ -42,6 +42,8 @@ _EXPORTS = {
     "RunInfo": "zarr_orch.status",
     "ProductSummary": "zarr_orch.status",
     "quicklook": "zarr_orch.quicklook",
+    "write_geotiff": "zarr_orch.storage.geotiff",
+    "GeoTiffReport": "zarr_orch.storage.geotiff",
     "MissingDependencyError": "zarr_orch.quicklook",
 }
 
