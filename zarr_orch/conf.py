@@ -171,9 +171,10 @@ COMMON_OPTIONS: dict[str, Option] = {
         'chunk compression: "zstd" (zarr default), "zstd-1", "blosc-lz4" or "none"',
     ),
     "checksum": Option(
-        True,
+        False,
         boolean("checksum"),
-        "append zarr's crc32c codec to every chunk so readers detect damaged chunks",
+        "also append zarr's crc32c codec to every chunk (zarr/xarray then refuse damaged "
+        "chunks, but GDAL cannot read such products; verify uses the records' CRCs anyway)",
     ),
     "resume": Option(
         True, boolean("resume"), "skip tiles an earlier run with the same fingerprint finished"

@@ -42,6 +42,7 @@ from zarr_orch.registry.plan import (
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import Receipt, TileSink
 from zarr_orch.runlog import RunLog
+from zarr_orch.storage.consolidated import consolidate_all
 from zarr_orch.storage.lease import Lease
 from zarr_orch.storage.location import Location
 from zarr_orch.storage.product import (
@@ -404,6 +405,8 @@ class Orchestrator:
             self._guard.__exit__(None, None, None)
             self._guard = None
             unrecorded = self._flush_records()
+            # arrays created by workers during the breakpoint: readers' view of the layout
+            consolidate_all(p.location for key_plans in plans.values() for p in key_plans)
             summary.seconds = time.perf_counter() - start
             self._stats["breakpoints"] += 1
             self._stats["tiles"] += summary.done

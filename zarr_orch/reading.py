@@ -204,7 +204,9 @@ def open_product(
 ) -> xr.Dataset:
     """Open a raster product as a lazy, dask-backed `xarray.Dataset`.
 
-    - Dims are ``row``/``col`` (``band`` first for 3-D tags) and chunks are the tiles;
+    - Dims are ``row``/``col`` (``band`` first for 3-D tags) and chunks are the tiles, also
+      for georeferenced products, whose arrays are stored with ``y``/``x`` dims (what plain
+      ``xr.open_zarr``, rioxarray and GDAL see);
       coordinates are the pixel indices ``row``/``col`` plus ``x``/``y`` (pixel centres) and
       the ``spatial_ref`` grid mapping (``crs_wkt``, ``GeoTransform``) when the product was
       written with a transform/CRS, so ``ds.rio.crs`` and ``ds[tag].rio.transform()`` work.
@@ -233,6 +235,8 @@ def open_product(
         )
     store = location.zarr_store(read_only=True)
     ds = xr.open_zarr(store, consolidated=False, zarr_format=3, chunks={})
+    if "y" in ds.dims and "x" in ds.dims and cst.ROW in ds.coords and cst.COL in ds.coords:
+        ds = ds.swap_dims({"y": cst.ROW, "x": cst.COL})  # format 2, georeferenced: y/x on disk
     tags = [name for name in (info.get("tags") or {}) if name in ds.data_vars]
     tags += [name for name in ds.data_vars if name not in tags]
     listing: dict[str, Any] = {}

@@ -174,29 +174,30 @@ def transform_coefficients(transform: Any) -> tuple[float, ...] | None:
 
 
 def crs_to_wkt(crs: Any) -> tuple[str | None, str | None]:
-    """(WKT, short text) of a CRS given as EPSG int/str, WKT, or a CRS object (pyproj/rasterio)."""
+    """(WKT, short text such as "EPSG:32631") of a CRS given as an EPSG int/str, WKT, or a
+    CRS object (pyproj/rasterio); a value pyproj cannot parse is a TileError."""
+    import pyproj
+
     if crs is None:
         return None, None
-    text = None
-    if hasattr(crs, "to_wkt"):
-        try:
-            return str(crs.to_wkt()), str(crs.to_string()) if hasattr(crs, "to_string") else None
-        except Exception:  # a CRS object that cannot express itself: keep its text
-            text = str(crs)
-    if text is None:
-        text = f"EPSG:{crs}" if isinstance(crs, int | np.integer) else str(crs)
+    if isinstance(crs, int | np.integer) and not isinstance(crs, bool):
+        text: Any = f"EPSG:{int(crs)}"
+    elif hasattr(crs, "to_wkt") and not isinstance(crs, pyproj.CRS):
+        try:  # a rasterio CRS (or alike): its WKT is what pyproj parses
+            text = str(crs.to_wkt())
+        except Exception as exc:
+            raise TileError(f"profile crs {crs!r} cannot express itself as WKT: {exc}") from None
+    else:
+        text = crs
     try:
-        import pyproj
-
         parsed = pyproj.CRS.from_user_input(text)
-        return parsed.to_wkt(), parsed.to_string()
-    except ImportError:
-        logger.info("pyproj is not installed: CRS %r is stored as given, without WKT", text)
     except Exception as exc:  # pyproj.exceptions.CRSError and friends
-        raise TileError(f"profile crs {text!r} is not a valid CRS: {exc}") from None
-    if text.upper().startswith(("GEOGCS", "PROJCS", "GEOGCRS", "PROJCRS", "COMPOUNDCRS")):
-        return text, None
-    return None, text
+        raise TileError(
+            f"profile crs {str(crs)[:200]!r} is not a valid CRS ({exc}); give an EPSG code, "
+            "WKT, or a rasterio/pyproj CRS"
+        ) from None
+    short = parsed.to_string()
+    return parsed.to_wkt(), short
 
 
 def geo_layout(profile: dict[str, Any] | None) -> dict[str, Any]:
@@ -221,3 +222,27 @@ def gdal_geotransform(coeffs: tuple[float, ...]) -> str:
     """GDAL's GeoTransform string (c a b f d e), as rioxarray/GDAL read it."""
     a, b, c, d, e, f = coeffs
     return " ".join(repr(float(v)) for v in (c, a, b, f, d, e))
+
+
+def coordinate_attrs(axis: str, geo: dict[str, Any]) -> dict[str, Any]:
+    """CF attributes of the ``x``/``y`` pixel-centre coordinates (names and units from the CRS)."""
+    attrs: dict[str, Any] = {
+        "long_name": f"{axis} coordinate of pixel centre",
+        "axis": axis.upper(),
+    }
+    wkt = geo.get("crs_wkt")
+    if not wkt:
+        return attrs
+    import pyproj
+
+    crs = pyproj.CRS.from_wkt(wkt)
+    if crs.is_geographic:
+        attrs["standard_name"] = "longitude" if axis == "x" else "latitude"
+        attrs["units"] = "degrees_east" if axis == "x" else "degrees_north"
+    else:
+        attrs["standard_name"] = f"projection_{axis}_coordinate"
+        units = {a.direction: a.unit_name for a in crs.axis_info}
+        unit = units.get("east" if axis == "x" else "north") or next(iter(units.values()), None)
+        if unit:
+            attrs["units"] = "m" if unit in ("metre", "meter") else unit
+    return attrs

@@ -22,8 +22,10 @@ from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, TileError
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.chunk_writer import ChunkWriter
+from zarr_orch.storage.consolidated import consolidate
 from zarr_orch.storage.encoding import (
     cast_tile,
+    coordinate_attrs,
     gdal_geotransform,
     geo_layout,
     pixel_centre_coords,
@@ -35,7 +37,9 @@ from zarr_orch.storage.zarr_io import publish
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "zarr_orch.product"
-FORMAT_VERSION = 1
+#: 2: records as plain objects, y/x dims when georeferenced, no crc32c by default,
+#: consolidated metadata
+FORMAT_VERSION = 2
 SPATIAL_REF = "spatial_ref"
 KINDS = (cst.CARS_DS_TYPE_ARRAY, cst.CARS_DS_TYPE_POINTS, cst.CARS_DS_TYPE_DICT)
 
@@ -67,7 +71,7 @@ class ProductPlan:
     grid_shape: tuple[int, int]
     save_by_pair: bool = False
     codec: str = "zstd"
-    checksum: bool = True
+    checksum: bool = False
     describe_tiles: bool = False
     records: str = field(default="")
 
@@ -143,7 +147,8 @@ def forget_handles(location: Location | None = None) -> None:
 def open_group(location: Location, mode: str = "r+") -> zarr.Group:
     """Open the product group at `location` (zarr v3)."""
     store = location.zarr_store(read_only=mode == "r")
-    return zarr.open_group(store, mode=mode, zarr_format=3)
+    # never the consolidated metadata: workers add arrays after it was written
+    return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def _group(location: Location) -> zarr.Group:
@@ -161,7 +166,7 @@ def product_info(location: Location, reading: bool = False) -> dict[str, Any] | 
     """
     store = location.zarr_store(read_only=True)
     try:
-        group = zarr.open_group(store, mode="r", zarr_format=3)
+        group = zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
     except FileNotFoundError:
         return None
     except Exception as exc:  # zarr v2 data, a file, garbage: refuse rather than touch it
@@ -202,6 +207,8 @@ def product_differences(plan: ProductPlan, components: dict[str, Any]) -> list[s
         return []
     if info.get("kind", plan.kind) != plan.kind:
         return [f"kind: was {info.get('kind')!r}, now {plan.kind!r}"]
+    if info.get("format_version", 0) < FORMAT_VERSION:
+        return [_old_format(info)]
     stored = (info.get("fingerprints") or {}).get(plan.records)
     if stored is not None:
         return describe_differences(stored.get("components", {}), components)
@@ -240,9 +247,16 @@ def prepare_product(
             create_tile_descriptions(group, plan)
         publish(staged, store)
         forget_handles(plan.location)
+        consolidate(plan.location)
         return set()  # created just now: nothing is recorded yet
     else:
-        group = zarr.open_group(store, mode="r+", zarr_format=3)
+        if info.get("format_version", 0) < FORMAT_VERSION:
+            raise ProductError(
+                f"{plan.location.url} cannot be resumed: {_old_format(info)}; set resume: false "
+                "or overwrite: true in the orchestrator conf to recompute it, or use another "
+                "out_dir"
+            )
+        group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
         if info.get("kind", plan.kind) != plan.kind:
             raise ProductError(
                 f"{plan.location.url} holds a {info.get('kind')!r} product; it cannot receive "
@@ -263,7 +277,17 @@ def prepare_product(
 
         create_tile_descriptions(group, plan)
     forget_handles(plan.location)
+    consolidate(plan.location)
     return rec.done_tiles(store, plan.records)
+
+
+def _old_format(info: dict[str, Any]) -> str:
+    version = info.get("format_version", 0)
+    return (
+        f"product format version {version} (written by zarr_orch "
+        f"{info.get('library_version', '< 0.2')}), this zarr_orch writes version "
+        f"{FORMAT_VERSION}; open_product, zarr-orch status and verify still read it"
+    )
 
 
 def _check_existing_arrays(group: zarr.Group, plan: ProductPlan) -> None:
@@ -330,14 +354,16 @@ def _same_fill(stored: Any, nodata: Any) -> bool:
 # -- arrays ---------------------------------------------------------------------------------------
 
 
-def _ensure_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], tile: Any) -> Any:
+def _ensure_array(
+    plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], tile: Any, what: str
+) -> Any:
     """Open the tag's array, creating it (and the coordinates) when this is the first tile."""
 
     def opener() -> Any:
         group = _group(plan.location)
         if tag.name not in group.array_keys():
             # georeferencing (a CRS parse) only matters to the writer that creates the array
-            _create_array(group, plan, tag, shape, _geo_for_tile(tile))
+            _create_array(group, plan, tag, shape, _geo_for_tile(tile, what))
         array = group[tag.name]
         if tuple(array.shape) != shape:
             raise TileError(
@@ -402,15 +428,13 @@ def _create_array(
     bands = shape[0] if len(shape) == 3 else None
     _ensure_coordinates(group, staged, height, width, bands, geo)
     attrs, fill_value = xarray_fill_attrs(tag.dtype, tag.nodata, len(shape))
-    coords = []
-    if geo.get("has_xy"):
-        coords += ["x", "y"]
+    coords = [cst.ROW, cst.COL] if geo.get("has_xy") else []
     if geo.get("has_ref"):
         coords.append(SPATIAL_REF)
         attrs["grid_mapping"] = SPATIAL_REF
     if coords:
         attrs["coordinates"] = " ".join(coords)
-    dims = [cst.ROW, cst.COL] if len(shape) == 2 else [cst.BAND, cst.ROW, cst.COL]
+    dims = raster_dims(len(shape), bool(geo.get("has_xy")))
     chunks = tuple(plan.chunks) if len(shape) == 2 else (shape[0], *plan.chunks)
     staged.create_array(
         tag.name,
@@ -423,6 +447,13 @@ def _create_array(
         compressors=compressors_for(plan.codec, plan.checksum),
     )
     publish(staged.store, group.store_path.store, skip=("zarr.json",), prefix=group.path)
+
+
+def raster_dims(ndim: int, georeferenced: bool) -> list[str]:
+    """Dimension names of a tag array: ``y``/``x`` when north-up georeferenced (what GDAL,
+    rioxarray and CF readers expect), else ``row``/``col``; ``band`` first for 3-D tags."""
+    dims = ["y", "x"] if georeferenced else [cst.ROW, cst.COL]
+    return dims if ndim == 2 else [cst.BAND, *dims]
 
 
 def _ensure_coordinates(
@@ -456,16 +487,17 @@ def _ensure_coordinates(
         )
         array[...] = values
 
-    put(cst.ROW, np.arange(height, dtype="int64"), [cst.ROW], {"long_name": "pixel row"})
-    put(cst.COL, np.arange(width, dtype="int64"), [cst.COL], {"long_name": "pixel column"})
+    ydim, xdim = raster_dims(2, bool(geo.get("has_xy")))
+    put(cst.ROW, np.arange(height, dtype="int64"), [ydim], {"long_name": "pixel row"})
+    put(cst.COL, np.arange(width, dtype="int64"), [xdim], {"long_name": "pixel column"})
     if bands is not None:
         put(cst.BAND, np.arange(1, bands + 1, dtype="int64"), [cst.BAND], {"long_name": "band"})
     coeffs = geo.get("transform")
     if coeffs:
         x, y = pixel_centre_coords(tuple(coeffs), height, width)
         if x is not None:
-            put("x", x, [cst.COL], {"long_name": "x coordinate of pixel centre", "axis": "X"})
-            put("y", y, [cst.ROW], {"long_name": "y coordinate of pixel centre", "axis": "Y"})
+            put("x", x, ["x"], coordinate_attrs("x", geo))
+            put("y", y, ["y"], coordinate_attrs("y", geo))
     if geo.get("has_ref"):
         ref_attrs: dict[str, Any] = {}
         if geo.get("crs_wkt"):
@@ -478,9 +510,12 @@ def _ensure_coordinates(
         put(SPATIAL_REF, np.array(0, dtype="int64"), [], ref_attrs)
 
 
-def _geo_for_tile(tile: Any) -> dict[str, Any]:
+def _geo_for_tile(tile: Any, what: str) -> dict[str, Any]:
     profile = tile.attrs.get(cst.PROFILE) or {}
-    geo = geo_layout(profile)
+    try:
+        geo = geo_layout(profile)
+    except TileError as exc:
+        raise TileError(f"{what}: {exc}") from None
     coeffs = geo["transform"]
     geo["has_xy"] = bool(coeffs) and coeffs[1] == 0 and coeffs[3] == 0
     geo["has_ref"] = bool(coeffs or geo["crs_wkt"] or geo["crs"])
@@ -556,7 +591,7 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
             )
         data = cast_tile(core, np.dtype(tag.dtype), tag.nodata, f"{what} tag {tag.name!r}")
         full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
-        array = _ensure_array(plan, tag, full_shape, tile)
+        array = _ensure_array(plan, tag, full_shape, tile, what)
         if array.ndim != data.ndim:
             raise TileError(
                 f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "

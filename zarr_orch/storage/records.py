@@ -1,7 +1,9 @@
 """Completion records: which tiles of a product are done, stored inside the product.
 
-Records are a small Zarr array ``_zarr_orch/<name>`` of shape (tile rows, tile cols, fields),
-uint64, uncompressed, chunked in blocks of up to 32x32 tiles. A record holds: done flag,
+Records are a small uint64 array ``_zarr_orch/<name>`` of shape (tile rows, tile cols, fields),
+uncompressed, in blocks of up to 32x32 tiles; since format 2 they are plain objects (a
+``records.json`` layout and raw blocks, `RawRecords`), not a Zarr node, so GDAL and xarray
+never show them as a raster. A record holds: done flag,
 unix time in ms, bytes written and one CRC32 per tag. Records, not chunk presence, mean
 "done": zarr does not store all-nodata chunks.
 
@@ -16,6 +18,7 @@ one read per block (O(tiles / 1024) requests on an object store).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from zarr_orch.storage.zarr_io import get_many, list_keys
+from zarr_orch.storage.zarr_io import get_bytes, get_many, list_keys, set_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ META_GROUP = "_zarr_orch"
 BASE_FIELDS = ("done", "time_ms", "nbytes")
 #: tiles per side of one records chunk
 BLOCK = 32
+#: the plain JSON object describing a records array of format 2 (not a Zarr node)
+LAYOUT_FILE = "records.json"
 #: seconds between two background writes of the changed record blocks
 FLUSH_SECONDS = 1.0
 
@@ -47,36 +52,31 @@ def records_name(tags: Sequence[str]) -> str:
 def create_records(group: zarr.Group, name: str, grid_shape: tuple[int, int], tags: Sequence[str]):
     """Create (or open and check) the records array for `tags` on a (rows, cols) tile grid."""
     try:
-        meta = group[META_GROUP]
+        group[META_GROUP]
     except KeyError:  # one metadata write, attributes included (object stores: one PUT)
-        meta = group.create_group(
+        group.create_group(
             META_GROUP,
             attributes={"description": "zarr_orch bookkeeping: per-tile completion records"},
         )
     fields = [*BASE_FIELDS, *(f"crc32:{tag}" for tag in tags)]
     shape = (grid_shape[0], grid_shape[1], len(fields))
-    if name in meta:
-        records = meta[name]
+    store = group.store_path.store
+    base = f"{group.store_path.path.strip('/')}/" if group.store_path.path.strip("/") else ""
+    try:
+        records = open_records(store, f"{name}", prefix=base)
+    except FileNotFoundError:
+        records = None
+    if records is not None:
         if tuple(records.shape) != shape:
             from zarr_orch.errors import ProductError
 
             raise ProductError(
-                f"completion records {meta.path}/{name} have shape {tuple(records.shape)}, "
+                f"completion records {META_GROUP}/{name} have shape {tuple(records.shape)}, "
                 f"expected {shape}: the product was written with another tile grid or tags"
             )
         return records
-    return meta.create_array(
-        name,
-        shape=shape,
-        chunks=(min(BLOCK, shape[0]) or 1, min(BLOCK, shape[1]) or 1, len(fields)),
-        dtype="uint64",
-        fill_value=0,
-        compressors=None,
-        dimension_names=["tile_row", "tile_col", "field"],
-        attributes={"tags": list(tags), "fields": fields},
-        config={"write_empty_chunks": True},
-        overwrite=False,
-    )
+    chunks = (min(BLOCK, shape[0]) or 1, min(BLOCK, shape[1]) or 1, len(fields))
+    return RawRecords.create(store, name, shape, chunks, list(tags), fields, prefix=base)
 
 
 def checksum(data: np.ndarray) -> int:
@@ -94,9 +94,26 @@ def block_key(name: str, block_row: int, block_col: int) -> str:
     return f"{META_GROUP}/{name}/c/{block_row}/{block_col}/0"
 
 
-def open_records(store: Any, name: str, mode: str = "r") -> zarr.Array:
-    """The records array `name` of the product at `store`."""
-    return zarr.open_array(store, path=f"{META_GROUP}/{name}", mode=mode, zarr_format=3)
+def open_records(store: Any, name: str, mode: str = "r", prefix: str = "") -> Any:
+    """The records array `name` of the product at `store` (FileNotFoundError when absent).
+
+    Format 2 stores them as plain objects (`RawRecords`), which GDAL and xarray do not see
+    as arrays; products of format 1 hold a Zarr array, opened as such.
+    """
+    layout = get_bytes(store, f"{prefix}{META_GROUP}/{name}/{LAYOUT_FILE}")
+    if layout is not None:
+        return RawRecords(store, name, json.loads(layout), prefix=prefix, writable=mode != "r")
+    return zarr.open_array(store, path=f"{prefix}{META_GROUP}/{name}", mode=mode, zarr_format=3)
+
+
+def find_records(store: Any) -> list[str]:
+    """Names of the records arrays present in the product at `store` (both formats)."""
+    names = set()
+    for key in list_keys(store, f"{META_GROUP}/"):
+        parts = key[len(META_GROUP) + 1 :].split("/")
+        if len(parts) == 2 and parts[1] in (LAYOUT_FILE, "zarr.json"):
+            names.add(parts[0])
+    return sorted(names)
 
 
 def read_records(store: Any, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -269,3 +286,101 @@ class RecordWriter:
 def records_tags(store: Any, name: str) -> tuple[str, ...]:
     """The tags the records array `name` covers (FileNotFoundError when it does not exist)."""
     return tuple(open_records(store, name).attrs.get("tags") or ())
+
+
+class RawRecords:
+    """A records array stored as plain objects: a `LAYOUT_FILE` and raw uint64 blocks.
+
+    The blocks are byte for byte what an uncompressed zarr uint64 array would store (full
+    chunks, C order, little-endian, zero padded at the edges) under the same keys, but with
+    no ``zarr.json`` the records are no Zarr node: GDAL, xarray and zarr list only the
+    rasters. Supports what records need: ``shape``, ``chunks``, ``attrs``, and reading and
+    writing boxes with ``[]``.
+    """
+
+    def __init__(
+        self, store: Any, name: str, layout: dict[str, Any], prefix: str = "", writable: bool = True
+    ) -> None:
+        self.store, self.name, self.layout, self.writable = store, name, layout, writable
+        self.path = f"{prefix}{META_GROUP}/{name}"
+        self.shape = tuple(int(v) for v in layout["shape"])
+        self.chunks = tuple(int(v) for v in layout["chunks"])
+        self.dtype = np.dtype(layout.get("dtype", "<u8"))
+        self.ndim = len(self.shape)
+        self.attrs = {"tags": list(layout.get("tags") or []), "fields": list(layout["fields"])}
+
+    @classmethod
+    def create(
+        cls,
+        store: Any,
+        name: str,
+        shape: tuple[int, ...],
+        chunks: tuple[int, ...],
+        tags: list[str],
+        fields: list[str],
+        prefix: str = "",
+    ) -> RawRecords:
+        """Write the layout object of a new records array (no block yet: all tiles to do)."""
+        layout = {
+            "zarr_orch_records": 1,
+            "description": "per-tile completion records: raw little-endian uint64 blocks at "
+            "c/<block row>/<block col>/0, shape (tile rows, tile cols, fields)",
+            "shape": list(shape),
+            "chunks": list(chunks),
+            "dtype": "<u8",
+            "tags": tags,
+            "fields": fields,
+        }
+        key = f"{prefix}{META_GROUP}/{name}/{LAYOUT_FILE}"
+        set_bytes(store, key, json.dumps(layout, indent=1).encode())
+        return cls(store, name, layout, prefix=prefix)
+
+    def _block_key(self, bi: int, bj: int) -> str:
+        return f"{self.path}/c/{bi}/{bj}/0"
+
+    def _boxes(self, key: Any) -> tuple[range, range]:
+        if not isinstance(key, tuple):
+            key = (key,)
+        if key == (Ellipsis,):
+            key = (slice(None), slice(None))
+        rows, cols = (range(*k.indices(n)) for k, n in zip(key[:2], self.shape[:2], strict=True))
+        if rows.step != 1 or cols.step != 1:
+            raise IndexError("records boxes take contiguous slices only")
+        return rows, cols
+
+    def _read_block(self, bi: int, bj: int) -> np.ndarray:
+        raw = get_bytes(self.store, self._block_key(bi, bj))
+        if raw is None:
+            return np.zeros(self.chunks, dtype="<u8")
+        return np.frombuffer(raw, dtype="<u8").reshape(self.chunks).copy()
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = self._boxes(key)
+        out = np.zeros((len(rows), len(cols), self.shape[2]), dtype="<u8")
+        br, bc = self.chunks[0], self.chunks[1]
+        for bi in range(rows.start // br, (rows.stop - 1) // br + 1 if len(rows) else 0):
+            for bj in range(cols.start // bc, (cols.stop - 1) // bc + 1 if len(cols) else 0):
+                block = self._read_block(bi, bj)
+                r0, r1 = max(rows.start, bi * br), min(rows.stop, (bi + 1) * br)
+                c0, c1 = max(cols.start, bj * bc), min(cols.stop, (bj + 1) * bc)
+                out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = block[
+                    r0 - bi * br : r1 - bi * br, c0 - bj * bc : c1 - bj * bc
+                ]
+        return out
+
+    def __setitem__(self, key: Any, values: Any) -> None:
+        """Write whole blocks (what `rewrite_block` does): one object write per block."""
+        if not self.writable:
+            raise PermissionError(f"records {self.path} were opened read-only")
+        rows, cols = self._boxes(key)
+        br, bc = self.chunks[0], self.chunks[1]
+        if rows.start % br or cols.start % bc:
+            raise IndexError("records are written one whole block at a time")
+        bi, bj = rows.start // br, cols.start // bc
+        if rows.stop != min((bi + 1) * br, self.shape[0]) or cols.stop != min(
+            (bj + 1) * bc, self.shape[1]
+        ):
+            raise IndexError("records are written one whole block at a time")
+        block = np.zeros(self.chunks, dtype="<u8")
+        block[: len(rows), : len(cols)] = np.asarray(values, dtype="<u8")
+        set_bytes(self.store, self._block_key(bi, bj), block.tobytes())

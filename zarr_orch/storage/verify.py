@@ -196,7 +196,7 @@ class _ProductChecker:
         self.info = info
         self.kind = info.get("kind", cst.CARS_DS_TYPE_ARRAY)
         self.store = location.zarr_store(read_only=True)
-        self.group = zarr.open_group(self.store, mode="r", zarr_format=3)
+        self.group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=False)
         self.grid_shape = tuple(int(v) for v in info.get("tile_grid_shape") or ())
         origin = info.get("grid_origin") or [0, 0]
         tile = info.get("tile_size") or [1, 1]
@@ -284,8 +284,8 @@ class _ProductChecker:
         """Records arrays the product declares, plus any other found in its meta group."""
         names = [n for n in self.info.get("records") or [] if isinstance(n, str)]
         try:
-            meta = self.group[rec.META_GROUP]
-            found = [n for n in meta.array_keys() if _RECORDS_NAME.match(n)]
+            self.group[rec.META_GROUP]
+            found = [n for n in rec.find_records(self.store) if _RECORDS_NAME.match(n)]
         except KeyError:
             found = []
             if names:
@@ -314,7 +314,7 @@ class _ProductChecker:
         """The tags of records array `name`, or None (reported) when its metadata is wrong."""
         path = f"{rec.META_GROUP}/{name}"
         try:
-            array = zarr.open_array(self.store, path=path, mode="r", zarr_format=3)
+            array = rec.open_records(self.store, name)
         except FileNotFoundError:
             self._bad(
                 report,
@@ -346,7 +346,7 @@ class _ProductChecker:
             why = f"it is {array.ndim}-D {array.dtype}, not 3-D uint64"
         elif array.chunks[2] != len(fields) or array.shape[2] != len(fields):
             why = f"its shape {array.shape} / chunks {array.chunks} do not hold whole records"
-        elif array.metadata.codecs[1:]:
+        elif isinstance(array, zarr.Array) and array.metadata.codecs[1:]:
             why = f"its records are encoded with {array.metadata.codecs[1:]}, not stored raw"
         elif self.grid_shape and tuple(array.shape[:2]) != self.grid_shape:
             why = (
