@@ -25,6 +25,7 @@ from zarr_orch.storage.encoding import (
 from zarr_orch.storage.location import Location
 from zarr_orch.storage.product import (
     FORMAT_NAME,
+    FORMAT_VERSION,
     ProductPlan,
     TagSpec,
     done_tiles,
@@ -48,7 +49,7 @@ def attributes(plan: ProductPlan) -> dict:
     return {
         "zarr_orch": {
             "format": FORMAT_NAME,
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "kind": plan.kind,
             "records": [plan.records],
             "tags": {},
@@ -119,7 +120,7 @@ def test_prepare_product_creates_group_and_records(location):
     assert prepare_product(plan, attributes(plan)) == set()
     info = product_info(location)
     assert info["format"] == FORMAT_NAME and info["kind"] == "arrays"
-    records = zarr.open_group(location.url, mode="r")[f"{rec.META_GROUP}/{plan.records}"]
+    records = rec.open_records(location.zarr_store(), plan.records)
     assert records.shape == (3, 3, len(rec.BASE_FIELDS) + 2)
     assert records.attrs["tags"] == ["hgt", "cls"]
     # preparing again is idempotent and returns the tiles done so far
@@ -154,7 +155,8 @@ def test_three_dimensional_tag_and_read_window(location):
     write_tile_and_record(plan, tile_for(2, 1, overlap=2, bands=2), 2, 1, "t")
     array = zarr.open_group(location.url, mode="r")["cube"]
     assert array.shape == (2, H, W) and array.chunks == (2, CH, CW)
-    assert array.metadata.dimension_names == ("band", "row", "col")
+    # georeferenced tiles (tile_for gives a transform) are stored with y/x dims (format 2)
+    assert array.metadata.dimension_names == ("band", "y", "x")
     window = {"row_min": 40, "row_max": 50, "col_min": 30, "col_max": 60}
     got = read_window(location, "cube", window)
     np.testing.assert_array_equal(got[0], expected()[40:, 30:60])
@@ -245,15 +247,15 @@ def test_records_record_and_forget_tiles(tmp_path):
     assert rec.done_tiles(store, "tiles_x") == set()  # not written before the flush
     assert writer.flush() == []
     assert rec.done_tiles(store, "tiles_x") == {(1, 2), (0, 0)}
-    stored = group["_zarr_orch/tiles_x"][1, 2, :]
+    stored = rec.open_records(store, "tiles_x")[1, 2, :]
     assert stored[0] == 1 and stored[2] == 24 and stored[3] == rec.checksum(data)
-    rec.forget_tiles(group["_zarr_orch/tiles_x"], [(1, 2)])
+    rec.forget_tiles(rec.open_records(store, "tiles_x", mode="r+"), [(1, 2)])
     assert rec.done_tiles(store, "tiles_x") == {(0, 0)}
     # a later record in the same block keeps the block's other records (no lost update)
     writer.submit(location, 1, 1, ("tiles_x", rec.record_bytes(0, [0, 0])))
     writer.close()
     assert rec.done_tiles(store, "tiles_x") == {(0, 0), (1, 1)}
-    assert group["_zarr_orch/tiles_x"].chunks == (2, 3, 5)
+    assert rec.open_records(store, "tiles_x").chunks == (2, 3, 5)
 
 
 # -- encoding ----------------------------------------------------------------------------------

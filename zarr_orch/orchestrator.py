@@ -578,9 +578,9 @@ class Orchestrator:
                 file_names[(plan.location.url, plan.records)] = next(
                     e.file_name for e in entries if e.tag == plan.tags[0].name
                 )
-        if not self._conf["checksum"]:
+        if self._conf["checksum"]:  # opt-in crc32c codec (GDAL cannot read it)
             plans = {
-                key: [dataclasses.replace(p, checksum=False) for p in key_plans]
+                key: [dataclasses.replace(p, checksum=True) for p in key_plans]
                 for key, key_plans in plans.items()
             }
         seen: dict[str, int] = {}

@@ -2,8 +2,10 @@
 
 xarray (``xr.open_zarr``) and GDAL read a product's whole layout from the consolidated
 metadata in its root ``zarr.json``; without it xarray warns on every open. zarr_orch itself
-never relies on it (workers create arrays after it is written): it is refreshed when a
-product is prepared and at the end of every breakpoint.
+never relies on it. It is written only when it lists every array: at the end of every
+breakpoint, and when a product whose arrays all exist is prepared again (a new product has
+none until its workers write tiles, and a run killed before its breakpoint ends leaves no
+consolidated metadata rather than a stale one: xarray then warns, but shows every array).
 """
 
 from __future__ import annotations

@@ -247,7 +247,6 @@ def prepare_product(
             create_tile_descriptions(group, plan)
         publish(staged, store)
         forget_handles(plan.location)
-        consolidate(plan.location)
         return set()  # created just now: nothing is recorded yet
     else:
         if info.get("format_version", 0) < FORMAT_VERSION:
@@ -277,16 +276,18 @@ def prepare_product(
 
         create_tile_descriptions(group, plan)
     forget_handles(plan.location)
-    consolidate(plan.location)
+    if not plan.all_variables and set(plan.tag_names) <= set(group.array_keys()):
+        # the attributes changed; consolidated metadata is written only when it lists every
+        # array (else at the end of the breakpoint): readers never get a stale layout
+        consolidate(plan.location)
     return rec.done_tiles(store, plan.records)
 
 
 def _old_format(info: dict[str, Any]) -> str:
     version = info.get("format_version", 0)
     return (
-        f"product format version {version} (written by zarr_orch "
-        f"{info.get('library_version', '< 0.2')}), this zarr_orch writes version "
-        f"{FORMAT_VERSION}; open_product, zarr-orch status and verify still read it"
+        f"product format version {version}, this zarr_orch writes version {FORMAT_VERSION} "
+        "(open_product, zarr-orch status and verify still read it)"
     )
 
 

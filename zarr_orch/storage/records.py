@@ -338,15 +338,19 @@ class RawRecords:
     def _block_key(self, bi: int, bj: int) -> str:
         return f"{self.path}/c/{bi}/{bj}/0"
 
-    def _boxes(self, key: Any) -> tuple[range, range]:
+    def _boxes(self, key: Any) -> tuple[range, range, tuple[int, ...]]:
+        """Rows and cols of a ``[rows, cols(, fields)]`` key, and the axes given as ints."""
         if not isinstance(key, tuple):
             key = (key,)
-        if key == (Ellipsis,):
-            key = (slice(None), slice(None))
-        rows, cols = (range(*k.indices(n)) for k, n in zip(key[:2], self.shape[:2], strict=True))
-        if rows.step != 1 or cols.step != 1:
-            raise IndexError("records boxes take contiguous slices only")
-        return rows, cols
+        if key and key[-1] is Ellipsis:
+            key = key[:-1]
+        key = key + (slice(None),) * (3 - len(key))
+        ints = tuple(i for i, k in enumerate(key) if isinstance(k, int | np.integer))
+        parts = [slice(int(k), int(k) + 1) if i in ints else k for i, k in enumerate(key)]
+        rows, cols = (range(*k.indices(n)) for k, n in zip(parts[:2], self.shape[:2], strict=True))
+        if rows.step != 1 or cols.step != 1 or (parts[2] != slice(None) and 2 not in ints):
+            raise IndexError("records boxes take contiguous slices of whole records")
+        return rows, cols, ints
 
     def _read_block(self, bi: int, bj: int) -> np.ndarray:
         raw = get_bytes(self.store, self._block_key(bi, bj))
@@ -355,7 +359,7 @@ class RawRecords:
         return np.frombuffer(raw, dtype="<u8").reshape(self.chunks).copy()
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        rows, cols = self._boxes(key)
+        rows, cols, ints = self._boxes(key)
         out = np.zeros((len(rows), len(cols), self.shape[2]), dtype="<u8")
         br, bc = self.chunks[0], self.chunks[1]
         for bi in range(rows.start // br, (rows.stop - 1) // br + 1 if len(rows) else 0):
@@ -366,15 +370,17 @@ class RawRecords:
                 out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = block[
                     r0 - bi * br : r1 - bi * br, c0 - bj * bc : c1 - bj * bc
                 ]
-        return out
+        if 2 in ints:
+            out = out[:, :, int(key[2]) : int(key[2]) + 1]
+        return out.reshape([n for i, n in enumerate(out.shape) if i not in ints])
 
     def __setitem__(self, key: Any, values: Any) -> None:
         """Write whole blocks (what `rewrite_block` does): one object write per block."""
         if not self.writable:
             raise PermissionError(f"records {self.path} were opened read-only")
-        rows, cols = self._boxes(key)
+        rows, cols, ints = self._boxes(key)
         br, bc = self.chunks[0], self.chunks[1]
-        if rows.start % br or cols.start % bc:
+        if ints or rows.start % br or cols.start % bc:
             raise IndexError("records are written one whole block at a time")
         bi, bj = rows.start // br, cols.start // bc
         if rows.stop != min((bi + 1) * br, self.shape[0]) or cols.stop != min(
