@@ -204,7 +204,7 @@ def test_status_and_info_of_the_demo(demo_out: Path, capsys: pytest.CaptureFixtu
     code, out, _ = cli(capsys, "info", products, "--json")
     info_json = json.loads(out)
     assert info_json["arrays"]["slope"]["fill_value"] == -9999.0
-    assert info_json["arrays"]["hillshade"]["dims"] == ["row", "col"]
+    assert info_json["arrays"]["hillshade"]["dims"] == ["y", "x"]  # georeferenced: format 2
     assert info_json["zarr_orch"]["tile_size"] == [64, 64]
     assert info_json["metadata"]["demo"] == {"size": 256, "tile": 64}
     assert info_json["tiles"]["tiles_done"] == 16

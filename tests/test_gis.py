@@ -170,6 +170,25 @@ def test_rioxarray_bounds_and_to_raster_round_trip(product: str, tmp_path: Path)
             np.testing.assert_array_equal(dataset.read(), expected(tag))
 
 
+def test_on_s3_xarray_opens_without_warning_and_rioxarray_round_trips(
+    moto_server, s3_bucket, s3_options, tmp_path: Path
+) -> None:
+    pytest.importorskip("rioxarray")
+    url = run_product(f"s3://{s3_bucket}/gis", "sequential", storage_options=s3_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(url, storage_options=s3_options, mask_and_scale=False)
+        opened = ocht.open_product(url, storage_options=s3_options)
+    assert set(ds.data_vars) == set(TAGS) and opened.attrs["tiles_done"] == 8
+    west, north = TRANSFORM.c, TRANSFORM.f
+    bounds = (west, north + TRANSFORM.e * HEIGHT, west + TRANSFORM.a * WIDTH, north)
+    assert ds["rgb"].rio.bounds() == pytest.approx(bounds)
+    ds["rgb"].rio.to_raster(tmp_path / "rgb.tif")
+    with rasterio.open(tmp_path / "rgb.tif") as dataset:
+        assert dataset.transform.almost_equals(TRANSFORM) and dataset.count == 3
+        np.testing.assert_array_equal(dataset.read(), expected("rgb"))
+
+
 def test_consolidated_metadata_follows_breakpoints(tmp_path: Path) -> None:
     """A rerun adding a tag refreshes the consolidated metadata readers use."""
     url = run_product(tmp_path, "sequential", failing=None)

@@ -81,10 +81,12 @@ def test_product_layout(pipeline, opener):
     else:
         ds = zo.open_product(str(path))
     assert set(ds.data_vars) == {"mean", "mask", "bands"}
-    assert ds["mean"].dims == ("row", "col")
-    assert ds["mask"].dims == ("row", "col")
-    assert ds["bands"].dims == ("band", "row", "col")
-    assert dict(ds.sizes) == {"row": HEIGHT, "col": WIDTH, "band": 2}
+    # georeferenced products are stored with y/x dims (format 2); open_product gives row/col
+    ydim, xdim = ("y", "x") if opener == "open_zarr" else ("row", "col")
+    assert ds["mean"].dims == (ydim, xdim)
+    assert ds["mask"].dims == (ydim, xdim)
+    assert ds["bands"].dims == ("band", ydim, xdim)
+    assert dict(ds.sizes) == {ydim: HEIGHT, xdim: WIDTH, "band": 2}
     # dtypes as registered (xarray decodes masked integers to float; encoding keeps uint8)
     assert ds["mean"].dtype == np.float32
     assert ds["bands"].dtype == np.float32
@@ -105,7 +107,8 @@ def test_product_layout(pipeline, opener):
     a, _, c, _, e, f = PROFILE["transform"]
     np.testing.assert_allclose(ds["x"].values, c + a * (np.arange(WIDTH) + 0.5))
     np.testing.assert_allclose(ds["y"].values, f + e * (np.arange(HEIGHT) + 0.5))
-    assert ds["x"].dims == ("col",) and ds["y"].dims == ("row",)
+    assert ds["x"].dims == (xdim,) and ds["y"].dims == (ydim,)
+    assert ds["col"].dims == (xdim,) and ds["row"].dims == (ydim,)
     # spatial_ref (CF grid mapping, as rioxarray writes it)
     ref = ds["spatial_ref"]
     assert pyproj.CRS.from_wkt(ref.attrs["crs_wkt"]).to_epsg() == 32631
@@ -126,8 +129,8 @@ def test_zarr_arrays_fill_value_equals_nodata(pipeline):
     assert stage2["mask"].fill_value == 255
     assert stage2["mask"].dtype == np.uint8
     assert stage2["bands"].fill_value == -9999
-    assert stage2["mean"].metadata.dimension_names == ("row", "col")
-    assert stage2["bands"].metadata.dimension_names == ("band", "row", "col")
+    assert stage2["mean"].metadata.dimension_names == ("y", "x")  # georeferenced: format 2
+    assert stage2["bands"].metadata.dimension_names == ("band", "y", "x")
 
 
 def test_product_attributes_and_metadata_json(pipeline):

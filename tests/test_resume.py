@@ -204,14 +204,10 @@ def test_tile_status_follows_the_records(where):
     _run(out, options)
     group = zarr.open_group(Location.parse(f"{out}/dem.zarr", options).zarr_store(), mode="r")
     name = group.attrs["zarr_orch"]["records"][0]
-    from zarr_orch.storage.records import forget_tiles
+    from zarr_orch.storage.records import forget_tiles, open_records
 
-    forget_tiles(
-        zarr.open_group(Location.parse(f"{out}/dem.zarr", options).zarr_store(), mode="r+")[
-            f"_zarr_orch/{name}"
-        ],
-        [(1, 1)],
-    )
+    store = Location.parse(f"{out}/dem.zarr", options).zarr_store()
+    forget_tiles(open_records(store, name, mode="r+"), [(1, 1)])
     status = tile_status(f"{out}/dem.zarr", storage_options=options)
     assert status.sel(tile_row=1, tile_col=1).item() == "missing"
     assert (status == "done").sum().item() == 5
