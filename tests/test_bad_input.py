@@ -22,6 +22,7 @@ from app_tasks import (
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
+from zarr_orch.storage import records as rec
 from zarr_orch.storage.location import Location
 
 H, W, TILE = 60, 90, (32, 48)
@@ -31,8 +32,10 @@ def snapshot(out_dir):
     """Values of every array of the reference product, records included (raw)."""
     group = zarr.open_group(str(out_dir / "ds.zarr"), mode="r")
     arrays = {name: group[name][...] for name in group.array_keys()}
-    meta = group["_zarr_orch"]
-    arrays.update({f"records/{n}": meta[n][...] for n in meta.array_keys()})
+    store = group.store  # format 2: records are plain objects beside the Zarr nodes
+    arrays.update(
+        {f"records/{n}": rec.open_records(store, n)[...] for n in rec.find_records(store)}
+    )
     info = group.attrs["zarr_orch"]  # the layout; run bookkeeping (run_id...) may change
     layout = {k: info[k] for k in ("kind", "tags", "tile_size", "tile_grid_shape", "extent")}
     return arrays, layout

@@ -23,12 +23,14 @@ from zarr_orch.errors import ProductError, TileError
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.chunk_writer import ChunkWriter
 from zarr_orch.storage.consolidated import consolidate
+from zarr_orch.storage.coordinates import (
+    SPATIAL_REF,
+    ensure_coordinates,
+    geo_for_tile,
+    raster_dims,
+)
 from zarr_orch.storage.encoding import (
     cast_tile,
-    coordinate_attrs,
-    gdal_geotransform,
-    geo_layout,
-    pixel_centre_coords,
     xarray_fill_attrs,
 )
 from zarr_orch.storage.location import Location
@@ -40,7 +42,6 @@ FORMAT_NAME = "zarr_orch.product"
 #: 2: records as plain objects, y/x dims when georeferenced, no crc32c by default,
 #: consolidated metadata
 FORMAT_VERSION = 2
-SPATIAL_REF = "spatial_ref"
 KINDS = (cst.CARS_DS_TYPE_ARRAY, cst.CARS_DS_TYPE_POINTS, cst.CARS_DS_TYPE_DICT)
 
 
@@ -364,7 +365,7 @@ def _ensure_array(
         group = _group(plan.location)
         if tag.name not in group.array_keys():
             # georeferencing (a CRS parse) only matters to the writer that creates the array
-            _create_array(group, plan, tag, shape, _geo_for_tile(tile, what))
+            _create_array(group, plan, tag, shape, geo_for_tile(tile, what))
         array = group[tag.name]
         if tuple(array.shape) != shape:
             raise TileError(
@@ -427,7 +428,7 @@ def _create_array(
     # bytes from racing creators; one round trip on object stores instead of one per node)
     staged = zarr.create_group(zarr.storage.MemoryStore(), zarr_format=3)
     bands = shape[0] if len(shape) == 3 else None
-    _ensure_coordinates(group, staged, height, width, bands, geo)
+    ensure_coordinates(group, staged, height, width, bands, geo)
     attrs, fill_value = xarray_fill_attrs(tag.dtype, tag.nodata, len(shape))
     coords = [cst.ROW, cst.COL] if geo.get("has_xy") else []
     if geo.get("has_ref"):
@@ -448,79 +449,6 @@ def _create_array(
         compressors=compressors_for(plan.codec, plan.checksum),
     )
     publish(staged.store, group.store_path.store, skip=("zarr.json",), prefix=group.path)
-
-
-def raster_dims(ndim: int, georeferenced: bool) -> list[str]:
-    """Dimension names of a tag array: ``y``/``x`` when north-up georeferenced (what GDAL,
-    rioxarray and CF readers expect), else ``row``/``col``; ``band`` first for 3-D tags."""
-    dims = ["y", "x"] if georeferenced else [cst.ROW, cst.COL]
-    return dims if ndim == 2 else [cst.BAND, *dims]
-
-
-def _ensure_coordinates(
-    group: zarr.Group, staged: zarr.Group, height: int, width: int, bands: int | None, geo: dict
-) -> None:
-    """Index coordinates row/col (pixel numbers), x/y from the transform, spatial_ref.
-
-    Existing ones (in `group`) are checked and rewritten; missing ones go to `staged`.
-    """
-    existing = set(group.array_keys())
-
-    def put(name: str, values: np.ndarray, dims: list[str], attrs: dict[str, Any]) -> None:
-        if name in existing:
-            stored = group[name]
-            if tuple(stored.shape) != values.shape:
-                raise TileError(
-                    f"coordinate {name!r} of {group.store_path} has {stored.shape[0]} values "
-                    f"but this tile implies {values.shape[0]}: every tag of one product must "
-                    "share the raster size; save tags of other sizes to another file name"
-                )
-            stored[...] = values  # same bytes again: heals a crash between create and write
-            return
-        array = staged.create_array(
-            name,
-            shape=values.shape,
-            chunks=values.shape or (),
-            dtype=values.dtype,
-            dimension_names=dims,
-            attributes=attrs,
-            fill_value=0,
-        )
-        array[...] = values
-
-    ydim, xdim = raster_dims(2, bool(geo.get("has_xy")))
-    put(cst.ROW, np.arange(height, dtype="int64"), [ydim], {"long_name": "pixel row"})
-    put(cst.COL, np.arange(width, dtype="int64"), [xdim], {"long_name": "pixel column"})
-    if bands is not None:
-        put(cst.BAND, np.arange(1, bands + 1, dtype="int64"), [cst.BAND], {"long_name": "band"})
-    coeffs = geo.get("transform")
-    if coeffs:
-        x, y = pixel_centre_coords(tuple(coeffs), height, width)
-        if x is not None:
-            put("x", x, ["x"], coordinate_attrs("x", geo))
-            put("y", y, ["y"], coordinate_attrs("y", geo))
-    if geo.get("has_ref"):
-        ref_attrs: dict[str, Any] = {}
-        if geo.get("crs_wkt"):
-            ref_attrs["crs_wkt"] = geo["crs_wkt"]
-            ref_attrs["spatial_ref"] = geo["crs_wkt"]
-        if geo.get("crs"):
-            ref_attrs["crs"] = geo["crs"]
-        if coeffs:
-            ref_attrs["GeoTransform"] = gdal_geotransform(tuple(coeffs))
-        put(SPATIAL_REF, np.array(0, dtype="int64"), [], ref_attrs)
-
-
-def _geo_for_tile(tile: Any, what: str) -> dict[str, Any]:
-    profile = tile.attrs.get(cst.PROFILE) or {}
-    try:
-        geo = geo_layout(profile)
-    except TileError as exc:
-        raise TileError(f"{what}: {exc}") from None
-    coeffs = geo["transform"]
-    geo["has_xy"] = bool(coeffs) and coeffs[1] == 0 and coeffs[3] == 0
-    geo["has_ref"] = bool(coeffs or geo["crs_wkt"] or geo["crs"])
-    return geo
 
 
 def array_shape(plan: ProductPlan, tile: Any) -> tuple[int, int]:
