@@ -69,8 +69,9 @@ def gis_task(window: dict, overlaps: dict, saving_info: dict, fail: bool) -> xr.
     )
 
 
-def run_product(out_dir: Path, mode: str, failing=FAILING, **conf) -> str:
-    """Write the three-tag product with `mode`; returns the product path."""
+def run_product(out_dir: Path, mode: str, failing=FAILING, replace: bool = False, **conf) -> str:
+    """Write the three-tag product with `mode` (also replaced: CARS's save + replace, which
+    stores tile descriptions for lazy tiles); returns the product path."""
     if mode not in AbstractCluster.modes():
         pytest.skip(f"mode {mode!r} is not available")
     conf = {"mode": mode, "max_retries": 0, "progress": False, **conf}
@@ -83,6 +84,8 @@ def run_product(out_dir: Path, mode: str, failing=FAILING, **conf) -> str:
             dsm.create_grid(WIDTH, HEIGHT, TILE_H, TILE_W, 0, 0)
             for tag, (dtype, nodata, _) in TAGS.items():
                 orchestrator.add_to_save_lists("dsm.tif", tag, dsm, dtype=dtype, nodata=nodata)
+            if replace:
+                orchestrator.add_to_replace_lists(dsm, cars_ds_name="dsm")
             [saving_info] = orchestrator.get_saving_infos([dsm])
             task = orchestrator.cluster.create_task(gis_task)
             for row in range(dsm.shape[0]):
@@ -136,6 +139,20 @@ def test_gdal_lists_only_the_tags(product: str) -> None:
         with rasterio.open(product) as root:
             names = sorted(name.rsplit(":/", 1)[1] for name in root.subdatasets)
     assert names == sorted(TAGS)  # no completion records, coordinates or bookkeeping
+
+
+@needs_gdal_zarr_v3
+def test_gdal_sees_no_bookkeeping_of_replaced_products(tmp_path: Path) -> None:
+    """The tile descriptions stored for lazy tiles stay invisible to GDAL."""
+    url = run_product(tmp_path, "sequential", replace=True)
+    assert any((Path(url) / "_zarr_orch").glob("*_tiles"))  # descriptions were stored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(url) as root:
+            names = sorted(name.rsplit(":/", 1)[1] for name in root.subdatasets)
+    assert names == sorted(TAGS)
+    with rasterio.open(f'ZARR:"{url}":/hgt') as dataset:
+        np.testing.assert_array_equal(dataset.read(), expected("hgt"))
 
 
 def test_xarray_opens_without_any_warning(product: str) -> None:
