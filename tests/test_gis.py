@@ -302,6 +302,12 @@ def test_old_products_are_still_read(old_run: Path) -> None:
     assert verify_product(old_run / "dsm.zarr").ok
     [summary] = open_run(old_run).products
     assert (summary.tiles_done, summary.tiles_total) == (7, 8)
+    report = ocht.write_geotiff(old_run / "dsm.zarr", "hgt", old_run / "hgt.tif", cog=False)
+    assert report.missing_tiles == 1
+    with rasterio.open(old_run / "hgt.tif") as dataset:
+        assert dataset.crs == CRS.from_epsg(32631) and dataset.nodata == -9999.0
+        assert dataset.transform.almost_equals(Affine(0.5, 0.0, 600000.0, 0.0, -0.5, 4800000.0))
+        assert (dataset.read(1)[30:, 20:40] == -9999.0).all()
 
 
 def test_rerun_over_an_old_product_is_refused_then_rebuilt(old_run: Path) -> None:
