@@ -405,8 +405,14 @@ class Orchestrator:
             self._guard.__exit__(None, None, None)
             self._guard = None
             unrecorded = self._flush_records()
-            # arrays created by workers during the breakpoint: readers' view of the layout
-            consolidate_all(p.location for key_plans in plans.values() for p in key_plans)
+            # raster arrays created by workers during the breakpoint: readers' view of them
+            # (points products, one group per tile, are read by read_points only)
+            consolidate_all(
+                p.location
+                for key_plans in plans.values()
+                for p in key_plans
+                if p.kind == cst.CARS_DS_TYPE_ARRAY
+            )
             summary.seconds = time.perf_counter() - start
             self._stats["breakpoints"] += 1
             self._stats["tiles"] += summary.done
