@@ -1,0 +1,708 @@
+"""Runs zarr_orch task graphs on a `distributed` cluster: one distributed task per job.
+
+A job is a task plus the nodes fused into it (its sink, single-consumer chain links), as in
+multiprocessing mode, so a saved tile is computed and written by one distributed task and
+only its receipt comes back. Outputs that feed other jobs stay on the workers as distributed
+futures, held only until their consumers are submitted and they are computed. Jobs are
+submitted in bounded batches as results come back. Each job travels as one pickled payload
+called through builtins (`operator.call`, `pickle.loads`), so the scheduler never unpickles
+user code, and the graph never embeds tile data: concrete inputs of `SCATTER_BYTES` or more
+are scattered to the workers once and passed as dependencies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+import pickle
+import time
+import traceback
+import types
+import uuid
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from zarr_orch.cluster.base import Outcome, TaskError
+from zarr_orch.cluster.graph import Delayed, TaskNode, split_outputs
+
+logger = logging.getLogger(__name__)
+
+#: concrete task inputs at least this big (dask.sizeof) are scattered, not put in the graph
+SCATTER_BYTES = 64 * 1024
+#: seconds between two checks of the timeout while waiting for a completion
+_POLL = 0.1
+#: exact types that never hold anything to replace in task arguments
+_LEAF_TYPES = frozenset({int, float, str, bytes, bool, complex, type(None)})
+
+
+# -- what runs on the worker ------------------------------------------------------------------
+class _Input:
+    """In a payload: input `pos` of the distributed task (``[uid][index]`` of it, if uid set)."""
+
+    __slots__ = ("index", "pos", "uid")
+
+    def __init__(self, pos: int, uid: int | None, index: int | None) -> None:
+        self.pos, self.uid, self.index = pos, uid, index
+
+    def __reduce__(self) -> tuple[type[_Input], tuple[int, int | None, int | None]]:
+        return (_Input, (self.pos, self.uid, self.index))
+
+
+class _Ref:
+    """In a payload: the output of an earlier step of the same job."""
+
+    __slots__ = ("index", "uid")
+
+    def __init__(self, uid: int, index: int | None) -> None:
+        self.uid, self.index = uid, index
+
+    def __reduce__(self) -> tuple[type[_Ref], tuple[int, int | None]]:
+        return (_Ref, (self.uid, self.index))
+
+
+def _fill(obj: Any, inputs: tuple[Any, ...], values: dict[int, list[Any]]) -> Any:
+    """`obj` with every `_Input` and `_Ref` replaced by its value (nested containers too)."""
+    if isinstance(obj, _Input):
+        value = inputs[obj.pos]
+        if obj.uid is None:
+            return value
+        outputs = value[obj.uid]
+        return outputs[0] if obj.index is None else outputs[obj.index]
+    if isinstance(obj, _Ref):
+        outputs = values[obj.uid]
+        return outputs[0] if obj.index is None else outputs[obj.index]
+    if isinstance(obj, list):
+        return [_fill(item, inputs, values) for item in obj]
+    if isinstance(obj, tuple):
+        items = [_fill(item, inputs, values) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, set | frozenset):
+        return type(obj)(_fill(item, inputs, values) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _fill(value, inputs, values) for key, value in obj.items()}
+    return obj
+
+
+class JobPayload:
+    """The steps of one job; called on the worker with the job's inputs, in order.
+
+    Returns ``{uid: outputs}`` for the steps whose outputs someone wants (a future in the
+    main process, or another job).
+    """
+
+    __slots__ = ("returns", "steps")
+
+    def __init__(self, steps: list[tuple], returns: tuple[int, ...]) -> None:
+        self.steps = steps
+        self.returns = returns
+
+    def __reduce__(self) -> tuple[type[JobPayload], tuple[list[tuple], tuple[int, ...]]]:
+        return (JobPayload, (self.steps, self.returns))
+
+    def __call__(self, *inputs: Any) -> dict[int, list[Any]]:
+        values: dict[int, list[Any]] = {}
+        for uid, name, func, args, kwargs, nout, fill in self.steps:
+            if fill:
+                args = _fill(args, inputs, values)
+                kwargs = _fill(kwargs, inputs, values)
+            result = func(*args, **kwargs)
+            values[uid] = split_outputs(types.SimpleNamespace(name=name, nout=nout), result)
+            del args, kwargs, result
+        return {uid: values[uid] for uid in self.returns}
+
+
+# -- main-process bookkeeping -----------------------------------------------------------------
+class DaskFuture:
+    """A started task of a dask cluster (what `start_tasks` returns)."""
+
+    __slots__ = ("cancelled", "delayed", "done", "error", "job", "value")
+
+    def __init__(self, delayed: Any) -> None:
+        self.delayed = delayed
+        self.job: _Job | None = None
+        self.done = False
+        self.cancelled = False
+        self.value: Any = None
+        self.error: TaskError | None = None
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done else ("error" if self.error else "done")
+        return f"DaskFuture({self.delayed!r}, {state})"
+
+
+_PENDING, _SUBMITTED, _COMPUTED, _FINISHED = "pending", "submitted", "computed", "finished"
+
+
+class _Job:
+    """A node plus the nodes fused into it: one distributed task."""
+
+    __slots__ = (
+        "consumers",
+        "deps",
+        "dfuture",
+        "futures",
+        "getters",
+        "key",
+        "scattered",
+        "state",
+        "steps",
+        "unsubmitted",
+        "waiting",
+    )
+
+    def __init__(self, head: TaskNode) -> None:
+        self.steps: tuple[TaskNode, ...] = (head,)
+        self.deps: tuple[_Job, ...] = ()
+        self.consumers: list[_Job] = []
+        self.futures: tuple[DaskFuture, ...] = ()
+        self.waiting = 0  # dependencies not submitted yet
+        self.unsubmitted = 0  # consumers not submitted yet
+        self.state = _PENDING
+        self.key = ""
+        self.dfuture: Any = None
+        self.getters: dict[int, Any] = {}
+        self.scattered: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """Head task name, plus the fused ones, for messages."""
+        head = repr(self.steps[0].name)
+        if len(self.steps) == 1:
+            return f"task {head}"
+        rest = ", ".join(repr(step.name) for step in self.steps[1:])
+        return f"task {head} (with fused {rest})"
+
+    def uids(self) -> set[int]:
+        """Uids of the nodes this job runs."""
+        return {step.uid for step in self.steps}
+
+
+def plan_jobs(roots: list[Delayed]) -> tuple[list[_Job], dict[int, _Job]]:
+    """Group the graph of `roots` into jobs (dependencies first); also the job of each uid.
+
+    A node joins the job of its single dependency when it is fused (a sink) or is that
+    dependency's only user and the dependency is not itself a root (a chain link).
+    """
+    order: list[TaskNode] = []
+    deps_of: dict[int, tuple[Delayed, ...]] = {}
+    users: dict[int, int] = {}
+    shared = -1
+    for root in roots:
+        stack: list[tuple[TaskNode, bool]] = [(root.node, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node.uid in deps_of:
+                continue
+            deps = tuple(node.dependencies())
+            deps_of[node.uid] = deps
+            stack.append((node, True))
+            for dep in reversed(deps):
+                if users.setdefault(dep.node.uid, node.uid) != node.uid:
+                    users[dep.node.uid] = shared
+                if dep.node.uid not in deps_of:
+                    stack.append((dep.node, False))
+    for root in roots:
+        if root.node.uid in users:
+            users[root.node.uid] = shared
+    job_of: dict[int, _Job] = {}
+    jobs: list[_Job] = []
+    for node in order:
+        deps = deps_of[node.uid]
+        host = None
+        if deps:
+            parent = deps[0].node.uid
+            single = all(dep.node.uid == parent for dep in deps)
+            if single and (node.fused or users[parent] == node.uid):
+                host = job_of[parent]
+        if host is None:
+            host = _Job(node)
+            jobs.append(host)
+        else:
+            host.steps += (node,)
+        job_of[node.uid] = host
+    for job in jobs:
+        found: dict[int, _Job] = {}
+        for step in job.steps:
+            for dep in deps_of[step.uid]:
+                producer = job_of[dep.node.uid]
+                if producer is not job:
+                    found.setdefault(id(producer), producer)
+        job.deps = tuple(found.values())
+        job.waiting = len(job.deps)
+        for producer in job.deps:
+            producer.consumers.append(job)
+            producer.unsubmitted += 1
+    return jobs, job_of
+
+
+class DaskRunner:
+    """Submits jobs to a `distributed.Client` in bounded batches and collects their outcomes."""
+
+    def __init__(
+        self,
+        client: Any,
+        retries: int,
+        max_in_flight: int | None,
+        on_timeout: Callable[[list[str]], None],
+    ) -> None:
+        from distributed import Future, as_completed
+
+        self.client = client
+        self.retries = retries
+        self._max_in_flight = max_in_flight
+        self._on_timeout = on_timeout
+        self._future_type = Future
+        self._ready: deque[_Job] = deque()
+        self._in_flight = 0
+        self._tracked: dict[str, tuple[_Job, int | None]] = {}
+        self._completed = as_completed([], with_results=False, loop=client.loop)
+        self._finished: list[DaskFuture] = []
+        self._scattered: dict[int, list[Any]] = {}  # id(obj) -> [obj, future, users]
+        self._prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count()
+        self._last = time.monotonic()
+        self.stats = {"graphs": 0, "jobs": 0, "scattered": 0}
+
+    # -- planning -----------------------------------------------------------------------------
+    def max_in_flight(self) -> int:
+        """Jobs submitted and not computed yet: 4 per worker thread unless configured."""
+        if self._max_in_flight:
+            return self._max_in_flight
+        try:
+            threads = sum(self.client.nthreads().values())
+        except Exception:  # a best-effort sizing: a scheduler briefly without workers
+            threads = 0
+        return max(4, 4 * threads)
+
+    def start(self, task_list: list[Any]) -> list[DaskFuture]:
+        """Plan the jobs of `task_list`, submit the first batch, return one future each."""
+        jobs, job_of = plan_jobs([t for t in task_list if isinstance(t, Delayed)])
+        futures = []
+        for task in task_list:
+            future = DaskFuture(task)
+            futures.append(future)
+            if isinstance(task, Delayed):
+                job = job_of[task.node.uid]
+                job.futures += (future,)
+                future.job = job
+            else:  # already a value: nothing to compute
+                future.value, future.done = task, True
+                self._finished.append(future)
+        del job_of
+        self._ready.extend(job for job in jobs if not job.waiting)
+        logger.debug("start_tasks: %d futures, %d jobs", len(futures), len(jobs))
+        self._submit()
+        return futures
+
+    # -- submitting ---------------------------------------------------------------------------
+    def _submit(self) -> None:
+        """Submit ready jobs (consumers first) while fewer than max_in_flight are running."""
+        limit = self.max_in_flight()
+        if not self._ready or (self._in_flight > limit // 2 and self._ready[0].deps == ()):
+            return
+        from dask._task_spec import Task, TaskRef
+
+        batch: list[_Job] = []
+        while self._ready and (self._in_flight + len(batch) < limit or self._ready[0].deps):
+            job = self._ready.popleft()
+            if job.state == _PENDING and self._wanted(job):
+                batch.append(job)
+            elif job.state == _PENDING:
+                self._fail(job, TaskError("CancelledError", f"{job.name} was cancelled", ""))
+        if not batch:
+            return
+        heavy: dict[int, Any] = {}
+        encoded = []
+        for job in batch:
+            try:
+                encoded.append(self._encode(job, heavy))
+            except Exception as exc:
+                encoded.append(None)
+                error = TaskError.from_exception(exc)
+                error.message = f"the arguments of {job.name} cannot be pickled: {exc}"
+                self._fail(job, error)
+        self._scatter(heavy)
+        graph: dict[str, Any] = {}
+        keys: list[str] = []
+        for job, item in zip(batch, encoded, strict=True):
+            if item is None:
+                continue
+            payload, inputs = item
+            refs = [TaskRef(self._input_key(value)) for value in inputs]
+            job.key = f"{job.steps[0].name}-zo{self._prefix}-{next(self._ids)}"
+            graph[job.key] = Task(job.key, operator.call, Task(None, pickle.loads, payload), *refs)
+            keys.append(job.key)
+            getters = self._getter_uids(job)
+            for uid in getters:
+                key = f"{job.key}-out{uid}"
+                graph[key] = Task(key, operator.getitem, TaskRef(job.key), uid)
+                keys.append(key)
+            job.scattered = tuple(id(v) for v in inputs if not isinstance(v, _Job))
+            for ident in job.scattered:
+                self._scattered[ident][2] += 1
+        if not graph:
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dfutures = self.client.get(graph, keys, sync=False, retries=self.retries or None)
+        for warning in caught:  # e.g. "Sending large graph": for the run log, not the console
+            logger.info("distributed: %s", str(warning.message).splitlines()[0])
+        by_key = dict(zip(keys, dfutures, strict=True))
+        self.stats["graphs"] += 1
+        for job, item in zip(batch, encoded, strict=True):
+            if item is None:
+                continue
+            self.stats["jobs"] += 1
+            job.state = _SUBMITTED
+            job.dfuture = by_key[job.key]
+            self._in_flight += 1
+            self._tracked[job.key] = (job, None)
+            self._completed.add(job.dfuture)
+            for uid in self._getter_uids(job):
+                getter = by_key[f"{job.key}-out{uid}"]
+                job.getters[uid] = getter
+                self._tracked[getter.key] = (job, uid)
+                self._completed.add(getter)
+            for producer in job.deps:
+                producer.unsubmitted -= 1
+                self._release_if_done(producer)
+            for consumer in reversed(job.consumers):
+                consumer.waiting -= 1
+                if consumer.waiting == 0:
+                    self._ready.appendleft(consumer)  # depth first: frees memory early
+        if self._ready and self._ready[0].deps:
+            self._submit()
+
+    def _wanted(self, job: _Job) -> bool:
+        """True while a future or a pending consumer still wants this job's outputs."""
+        if any(not f.cancelled for f in job.futures):
+            return True
+        return any(c.state == _PENDING and self._wanted(c) for c in job.consumers)
+
+    @staticmethod
+    def _getter_uids(job: _Job) -> list[int]:
+        """Outputs fetched by small extra tasks: a job feeding others keeps its data on the
+        workers, so the main process only fetches what its futures want."""
+        if not job.consumers:
+            return []
+        return sorted({f.delayed.node.uid for f in job.futures})
+
+    def _input_key(self, value: Any) -> str:
+        if isinstance(value, _Job):
+            return value.key
+        return self._scattered[id(value)][1].key
+
+    def _encode(self, job: _Job, heavy: dict[int, Any]) -> tuple[bytes, list[Any]]:
+        """Pickle a job's steps; inputs (other jobs, futures, big objects) become `_Input`s."""
+        from dask.sizeof import sizeof
+        from distributed.protocol.pickle import dumps
+
+        in_job = job.uids()
+        inputs: list[Any] = []
+        positions: dict[int, int] = {}
+
+        def position(value: Any) -> int:
+            ident = id(value)
+            if ident not in positions:
+                positions[ident] = len(inputs)
+                inputs.append(value)
+            return positions[ident]
+
+        def encode(obj: Any) -> tuple[Any, bool]:
+            kind = type(obj)
+            if kind in _LEAF_TYPES:
+                return obj, False
+            if kind is Delayed:
+                uid = obj.node.uid
+                if uid in in_job:
+                    return _Ref(uid, obj.index), True
+                producer = next(d for d in job.deps if uid in d.uids())
+                return _Input(position(producer), uid, obj.index), True
+            if isinstance(obj, self._future_type):
+                self._scattered.setdefault(id(obj), [obj, obj, 0])
+                return _Input(position(obj), None, None), True
+            if isinstance(obj, list | tuple | set | frozenset | dict):
+                items = obj.items() if isinstance(obj, dict) else obj
+                changed = False
+                out = []
+                for item in items:
+                    if isinstance(obj, dict):
+                        value, hit = encode(item[1])
+                        out.append((item[0], value))
+                    else:
+                        value, hit = encode(item)
+                        out.append(value)
+                    changed = changed or hit
+                if not changed:
+                    return obj, False
+                if isinstance(obj, dict):
+                    return dict(out), True
+                if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+                    return kind(*out), True
+                return kind(out), True
+            if sizeof(obj) >= SCATTER_BYTES:
+                if id(obj) not in self._scattered:
+                    heavy[id(obj)] = obj
+                return _Input(position(obj), None, None), True
+            return obj, False
+
+        steps = []
+        for node in job.steps:
+            args, hit_args = encode(node.args)
+            kwargs, hit_kwargs = encode(node.kwargs)
+            steps.append(
+                (node.uid, node.name, node.func, args, kwargs, node.nout, hit_args or hit_kwargs)
+            )
+        returns = {f.delayed.node.uid for f in job.futures}
+        for consumer in job.consumers:
+            for step in consumer.steps:
+                returns.update(d.node.uid for d in step.dependencies() if d.node.uid in in_job)
+        payload = JobPayload(steps, tuple(sorted(returns)))
+        return dumps(payload), inputs
+
+    def _scatter(self, heavy: dict[int, Any]) -> None:
+        """Ship big concrete inputs to the workers once (one call for the whole batch)."""
+        if not heavy:
+            return
+        objects = list(heavy.values())
+        futures = self.client.scatter(objects, hash=False)
+        for obj, future in zip(objects, futures, strict=True):
+            self._scattered[id(obj)] = [obj, future, 0]
+        self.stats["scattered"] += len(objects)
+
+    # -- results ------------------------------------------------------------------------------
+    def iterate(self, future_list: list[DaskFuture], timeout: float | None) -> Iterator[Outcome]:
+        """Yield one Outcome per future of `future_list` as it completes (any order)."""
+        pending = {id(f): f for f in future_list if not f.done}
+        for future in future_list:
+            if future.done and id(future) not in pending:
+                if future in self._finished:
+                    self._finished.remove(future)
+                yield self._outcome(future)
+        self._last = time.monotonic()
+        while pending:
+            mine = [f for f in self._finished if id(f) in pending]
+            if mine:
+                self._finished = [f for f in self._finished if id(f) not in pending]
+                for future in mine:
+                    del pending[id(future)]
+                    outcome = self._outcome(future)
+                    future.value = None
+                    yield outcome
+                    del outcome
+                continue
+            self._pump(timeout)
+
+    @staticmethod
+    def _outcome(future: DaskFuture) -> Outcome:
+        return Outcome(future, value=future.value, error=future.error)
+
+    def _pump(self, timeout: float | None) -> None:
+        """Wait for completions (or the timeout), book them, submit more."""
+        completed = self._completed
+        if not completed.has_ready():
+            if not self._tracked and not self._ready:
+                raise RuntimeError("futures are pending but no task is running or ready")
+            if timeout is not None and time.monotonic() - self._last >= timeout:
+                self._time_out(timeout)
+                return
+            with completed.thread_condition:
+                completed.thread_condition.wait(timeout=_POLL)
+            return
+        done = completed.next_batch(block=False)
+        self._last = time.monotonic()
+        entries = [(future, self._tracked.pop(future.key, None)) for future in done]
+        fetch = [
+            future
+            for future, entry in entries
+            if entry is not None and future.status == "finished" and self._fetches(*entry)
+        ]
+        values: dict[str, Any] = {}
+        if fetch:
+            try:
+                values = dict(zip([f.key for f in fetch], self.client.gather(fetch), strict=True))
+            except Exception:  # lost meanwhile, or one cannot be unpickled: one by one
+                values = {}
+        for future, entry in entries:
+            if entry is None:
+                continue
+            job, uid = entry
+            if future.status == "finished":
+                if future.key in values or not self._fetches(job, uid):
+                    self._computed(job, uid, future, values.get(future.key))
+                else:
+                    try:
+                        self._computed(job, uid, future, future.result(timeout=60))
+                    except Exception as exc:
+                        self._errored(job, uid, TaskError.from_exception(exc))
+            elif future.status == "error":
+                self._errored(job, uid, self._error_of(future))
+            else:
+                message = f"{job.name} ({future.key}) was {future.status}"
+                self._errored(job, uid, TaskError("CancelledError", message, message))
+        del done, entries, fetch, values
+        self._submit()
+
+    @staticmethod
+    def _fetches(job: _Job, uid: int | None) -> bool:
+        """True when this job's (uid None) or getter's value must come to the main process."""
+        return uid is not None or (not job.consumers and bool(job.futures))
+
+    @staticmethod
+    def _error_of(dfuture: Any) -> TaskError:
+        exc = dfuture.exception()
+        text = "".join(traceback.format_exception(type(exc), exc, dfuture.traceback()))
+        return TaskError(type(exc).__name__, str(exc), text, exc)
+
+    def _computed(self, job: _Job, uid: int | None, dfuture: Any, value: Any) -> None:
+        """A job (uid None) or one of its getters (uid) finished."""
+        if uid is not None:  # a getter: the outputs of one node, for this job's futures
+            for future in job.futures:
+                if future.delayed.node.uid == uid and not future.done:
+                    index = future.delayed.index
+                    self._resolve(future, value[0] if index is None else value[index], None)
+            job.getters.pop(uid, None)
+            dfuture.release()
+            self._release_if_done(job)
+            return
+        self._in_flight -= 1
+        job.state = _COMPUTED
+        if not job.consumers:
+            for future in job.futures:
+                outputs = value[future.delayed.node.uid]
+                index = future.delayed.index
+                self._resolve(future, outputs[0] if index is None else outputs[index], None)
+        self._release_if_done(job)
+
+    def _errored(self, job: _Job, uid: int | None, error: TaskError) -> None:
+        """A job or a getter failed (after distributed's retries), or was cancelled."""
+        if uid is None and job.state == _SUBMITTED:
+            self._in_flight -= 1
+        if uid is not None:
+            job.getters.pop(uid, None)
+        for future in job.futures:
+            if uid is None or future.delayed.node.uid == uid:
+                self._resolve(future, None, error)
+        if uid is None:
+            job.state = _COMPUTED
+            self._fail_consumers(job, error)
+        self._release_if_done(job)
+
+    def _fail_consumers(self, job: _Job, error: TaskError) -> None:
+        """Consumers not submitted yet can never run: fail them with the upstream error."""
+        upstream = TaskError(
+            error.exc_type,
+            f"upstream {job.name} failed: {error.message}",
+            error.traceback,
+            error.exception,
+        )
+        for consumer in job.consumers:
+            if consumer.state == _PENDING:
+                self._fail(consumer, upstream)
+
+    def _fail(self, job: _Job, error: TaskError) -> None:
+        """Fail a job that was never submitted, and what depends on it."""
+        job.state = _FINISHED
+        if job in self._ready:
+            self._ready.remove(job)
+        for future in job.futures:
+            self._resolve(future, None, error)
+        for producer in job.deps:
+            producer.unsubmitted -= 1
+            self._release_if_done(producer)
+        self._fail_consumers(job, error)
+
+    def _resolve(self, future: DaskFuture, value: Any, error: TaskError | None) -> None:
+        if future.done:
+            return
+        future.done, future.value, future.error = True, value, error
+        future.job = None
+        self._finished.append(future)
+
+    def _release_if_done(self, job: _Job) -> None:
+        """Forget a job once it is computed, its consumers are submitted and its getters done."""
+        if job.state != _COMPUTED or job.unsubmitted > 0 or job.getters:
+            return
+        job.state = _FINISHED
+        if job.dfuture is not None:
+            job.dfuture.release()  # the scheduler keeps it while submitted consumers need it
+            job.dfuture = None
+        for ident in job.scattered:
+            entry = self._scattered.get(ident)
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    del self._scattered[ident]
+                    if entry[1] is not entry[0]:
+                        entry[1].release()
+        job.scattered = ()
+        job.consumers = []
+        job.deps = ()
+
+    def _time_out(self, timeout: float) -> None:
+        """No completion for `timeout` s: cancel and fail the submitted jobs still running."""
+        jobs = {id(job): job for job, _ in self._tracked.values() if job.state == _SUBMITTED}
+        keys = [job.key for job in jobs.values()]
+        stuck = self._processing_workers(keys)
+        logger.warning(
+            "no task completed for task_timeout=%g s: cancelling %d task(s)", timeout, len(jobs)
+        )
+        dfutures = [f for job in jobs.values() for f in [job.dfuture, *job.getters.values()]]
+        for future in dfutures:
+            self._tracked.pop(future.key, None)
+        self.client.cancel(dfutures)
+        for job in jobs.values():
+            message = (
+                f"{job.name} ({job.key}) did not complete within task_timeout={timeout:g} s "
+                "(no task completed meanwhile); it was cancelled"
+            )
+            job.getters.clear()
+            self._errored(job, None, TaskError("TimeoutError", message, message))
+        if stuck:
+            self._on_timeout(stuck)
+        self._last = time.monotonic()
+        self._submit()
+
+    def _processing_workers(self, keys: list[str]) -> list[str]:
+        """Workers currently running one of `keys`."""
+        try:
+            processing = self.client.processing()
+        except Exception:  # a best-effort diagnostic
+            return []
+        wanted = set(keys)
+        return [w for w, ks in processing.items() if any(str(k) in wanted for k in ks)]
+
+    # -- stopping -----------------------------------------------------------------------------
+    def cancel(self, future_list: Any) -> None:
+        """Drop jobs whose outputs no remaining future or consumer needs."""
+        for future in future_list:
+            if isinstance(future, DaskFuture) and not future.done:
+                future.cancelled = True
+        for job in list(self._ready):
+            if job.state == _PENDING and not self._wanted(job):
+                self._fail(job, TaskError("CancelledError", f"{job.name} was cancelled", ""))
+        running = [
+            job
+            for job, uid in list(self._tracked.values())
+            if uid is None and job.state == _SUBMITTED and not self._wanted(job)
+        ]
+        if running:
+            self.client.cancel([job.dfuture for job in running])
+
+    def close(self) -> None:
+        """Forget every pending job (the client is closed by the cluster)."""
+        self._ready.clear()
+        self._tracked.clear()
+        self._scattered.clear()
+        self._completed.clear()
+        self._in_flight = 0
+        self._finished.clear()
+
+    def __repr__(self) -> str:
+        return f"DaskRunner(in_flight={self._in_flight}, ready={len(self._ready)})"
