@@ -253,7 +253,10 @@ class LocalDaskCluster(DaskClusterBase):
                 memory_limit=_mib(conf["max_ram_per_worker"]),
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address="127.0.0.1:0" if conf["activate_dashboard"] else None,
+                # the scheduler serves HTTP (health, metrics) even without a dashboard: on a
+                # free port, so that two runs on one machine do not fight over 8787
+                dashboard_address="127.0.0.1:0",
+                scheduler_kwargs={"dashboard": conf["activate_dashboard"]},
             )
         self.client = Client(self.cluster, set_as_default=False)
         logger.info("started a local dask cluster: %s", self.cluster)
