@@ -146,6 +146,7 @@ class _Job:
         "futures",
         "getters",
         "key",
+        "outstanding",
         "scattered",
         "state",
         "steps",
@@ -164,6 +165,7 @@ class _Job:
         self.key = ""
         self.dfuture: Any = None
         self.getters: dict[int, Any] = {}
+        self.outstanding = 0  # distributed futures whose values we still wait for
         self.scattered: tuple[int, ...] = ()
 
     @property
@@ -261,7 +263,9 @@ class DaskRunner:
         self._ready: deque[_Job] = deque()
         self._in_flight = 0
         self._tracked: dict[str, tuple[_Job, int | None]] = {}
-        self._completed = as_completed([], with_results=False, loop=client.loop)
+        # values are fetched by the client's event loop as tasks finish, never waited for
+        self._completed = as_completed([], with_results=True, raise_errors=False, loop=client.loop)
+        self._limit = 0
         self._finished: list[DaskFuture] = []
         self._scattered: dict[int, list[Any]] = {}  # id(obj) -> [obj, future, users]
         self._prefix = uuid.uuid4().hex[:8]
@@ -271,14 +275,18 @@ class DaskRunner:
 
     # -- planning -----------------------------------------------------------------------------
     def max_in_flight(self) -> int:
-        """Jobs submitted and not computed yet: 4 per worker thread unless configured."""
+        """Jobs submitted whose values are awaited: 8 per worker thread unless configured.
+
+        A task waiting on a worker holds only its small payload, so the bound is about
+        keeping every thread fed across the round trips, not about memory.
+        """
         if self._max_in_flight:
             return self._max_in_flight
         try:
             threads = sum(self.client.nthreads().values())
         except Exception:  # a best-effort sizing: a scheduler briefly without workers
             threads = 0
-        return max(4, 4 * threads)
+        return max(8, 8 * threads)
 
     def start(self, task_list: list[Any]) -> list[DaskFuture]:
         """Plan the jobs of `task_list`, submit the first batch, return one future each."""
@@ -296,6 +304,7 @@ class DaskRunner:
                 self._finished.append(future)
         del job_of
         self._ready.extend(job for job in jobs if not job.waiting)
+        self._limit = self.max_in_flight()  # workers may have come or gone since last time
         logger.debug("start_tasks: %d futures, %d jobs", len(futures), len(jobs))
         self._submit()
         return futures
@@ -303,7 +312,7 @@ class DaskRunner:
     # -- submitting ---------------------------------------------------------------------------
     def _submit(self) -> None:
         """Submit ready jobs (consumers first) while fewer than max_in_flight are running."""
-        limit = self.max_in_flight()
+        limit = self._limit or self.max_in_flight()
         if not self._ready or (self._in_flight > limit // 2 and self._ready[0].deps == ()):
             return
         from dask._task_spec import Task, TaskRef
@@ -361,14 +370,16 @@ class DaskRunner:
             self.stats["jobs"] += 1
             job.state = _SUBMITTED
             job.dfuture = by_key[job.key]
-            self._in_flight += 1
-            self._tracked[job.key] = (job, None)
-            self._completed.add(job.dfuture)
+            fetched = [(None, job.dfuture)] if not job.consumers and job.futures else []
             for uid in self._getter_uids(job):
-                getter = by_key[f"{job.key}-out{uid}"]
-                job.getters[uid] = getter
-                self._tracked[getter.key] = (job, uid)
-                self._completed.add(getter)
+                job.getters[uid] = by_key[f"{job.key}-out{uid}"]
+                fetched.append((uid, job.getters[uid]))
+            for uid, dfuture in fetched:
+                self._tracked[dfuture.key] = (job, uid)
+            if fetched:
+                job.outstanding = len(fetched)
+                self._in_flight += 1
+                self._completed.update([dfuture for _, dfuture in fetched])
             for producer in job.deps:
                 producer.unsubmitted -= 1
                 self._release_if_done(producer)
@@ -376,6 +387,7 @@ class DaskRunner:
                 consumer.waiting -= 1
                 if consumer.waiting == 0:
                     self._ready.appendleft(consumer)  # depth first: frees memory early
+            self._release_if_done(job)
         if self._ready and self._ready[0].deps:
             self._submit()
 
@@ -512,86 +524,55 @@ class DaskRunner:
             if timeout is not None and time.monotonic() - self._last >= timeout:
                 self._time_out(timeout)
                 return
-            with completed.thread_condition:
-                completed.thread_condition.wait(timeout=_POLL)
+            with completed.thread_condition:  # notified under this lock: no lost wake-up
+                if not completed.has_ready():
+                    completed.thread_condition.wait(timeout=_POLL)
             return
         done = completed.next_batch(block=False)
         self._last = time.monotonic()
-        entries = [(future, self._tracked.pop(future.key, None)) for future in done]
-        fetch = [
-            future
-            for future, entry in entries
-            if entry is not None and future.status == "finished" and self._fetches(*entry)
-        ]
-        values: dict[str, Any] = {}
-        if fetch:
-            try:
-                values = dict(zip([f.key for f in fetch], self.client.gather(fetch), strict=True))
-            except Exception:  # lost meanwhile, or one cannot be unpickled: one by one
-                values = {}
-        for future, entry in entries:
-            if entry is None:
+        for future, result in done:
+            entry = self._tracked.pop(future.key, None)
+            if entry is None:  # timed out and cancelled before
                 continue
             job, uid = entry
             if future.status == "finished":
-                if future.key in values or not self._fetches(job, uid):
-                    self._computed(job, uid, future, values.get(future.key))
-                else:
-                    try:
-                        self._computed(job, uid, future, future.result(timeout=60))
-                    except Exception as exc:
-                        self._errored(job, uid, TaskError.from_exception(exc))
-            elif future.status == "error":
-                self._errored(job, uid, self._error_of(future))
+                self._computed(job, uid, future, result)
+            elif future.status == "error" and isinstance(result, tuple) and len(result) == 3:
+                _, exc, tb = result
+                text = "".join(traceback.format_exception(type(exc), exc, tb))
+                self._errored(job, uid, TaskError(type(exc).__name__, str(exc), text, exc))
             else:
                 message = f"{job.name} ({future.key}) was {future.status}"
                 self._errored(job, uid, TaskError("CancelledError", message, message))
-        del done, entries, fetch, values
+        del done
         self._submit()
 
-    @staticmethod
-    def _fetches(job: _Job, uid: int | None) -> bool:
-        """True when this job's (uid None) or getter's value must come to the main process."""
-        return uid is not None or (not job.consumers and bool(job.futures))
-
-    @staticmethod
-    def _error_of(dfuture: Any) -> TaskError:
-        exc = dfuture.exception()
-        text = "".join(traceback.format_exception(type(exc), exc, dfuture.traceback()))
-        return TaskError(type(exc).__name__, str(exc), text, exc)
-
     def _computed(self, job: _Job, uid: int | None, dfuture: Any, value: Any) -> None:
-        """A job (uid None) or one of its getters (uid) finished."""
-        if uid is not None:  # a getter: the outputs of one node, for this job's futures
-            for future in job.futures:
-                if future.delayed.node.uid == uid and not future.done:
-                    index = future.delayed.index
-                    self._resolve(future, value[0] if index is None else value[index], None)
-            job.getters.pop(uid, None)
-            dfuture.release()
-            self._release_if_done(job)
-            return
-        self._in_flight -= 1
-        job.state = _COMPUTED
-        if not job.consumers:
-            for future in job.futures:
-                outputs = value[future.delayed.node.uid]
+        """A fetched value arrived: a whole job's (uid None) or one getter's outputs."""
+        for future in job.futures:
+            if uid is None or future.delayed.node.uid == uid:
+                outputs = value[future.delayed.node.uid] if uid is None else value
                 index = future.delayed.index
                 self._resolve(future, outputs[0] if index is None else outputs[index], None)
-        self._release_if_done(job)
+        self._settle(job, uid, dfuture)
 
     def _errored(self, job: _Job, uid: int | None, error: TaskError) -> None:
-        """A job or a getter failed (after distributed's retries), or was cancelled."""
-        if uid is None and job.state == _SUBMITTED:
-            self._in_flight -= 1
-        if uid is not None:
-            job.getters.pop(uid, None)
+        """A fetched task failed (after distributed's retries) or was cancelled."""
         for future in job.futures:
             if uid is None or future.delayed.node.uid == uid:
                 self._resolve(future, None, error)
-        if uid is None:
+        self._settle(job, uid, None)
+
+    def _settle(self, job: _Job, uid: int | None, dfuture: Any) -> None:
+        """One awaited value of `job` is in: release its getter; maybe the job itself."""
+        if uid is not None:
+            job.getters.pop(uid, None)
+            if dfuture is not None:
+                dfuture.release()
+        job.outstanding -= 1
+        if job.outstanding == 0:
+            self._in_flight -= 1
             job.state = _COMPUTED
-            self._fail_consumers(job, error)
         self._release_if_done(job)
 
     def _fail_consumers(self, job: _Job, error: TaskError) -> None:
@@ -626,12 +607,18 @@ class DaskRunner:
         self._finished.append(future)
 
     def _release_if_done(self, job: _Job) -> None:
-        """Forget a job once it is computed, its consumers are submitted and its getters done."""
-        if job.state != _COMPUTED or job.unsubmitted > 0 or job.getters:
+        """Forget a job once its values are in and its consumers are submitted.
+
+        A job feeding others is released as soon as they are submitted: the scheduler keeps
+        its data exactly as long as those consumers need it.
+        """
+        if job.state == _PENDING or job.state == _FINISHED:
+            return
+        if job.outstanding > 0 or job.unsubmitted > 0:
             return
         job.state = _FINISHED
         if job.dfuture is not None:
-            job.dfuture.release()  # the scheduler keeps it while submitted consumers need it
+            job.dfuture.release()
             job.dfuture = None
         for ident in job.scattered:
             entry = self._scattered.get(ident)
@@ -646,24 +633,25 @@ class DaskRunner:
         job.deps = ()
 
     def _time_out(self, timeout: float) -> None:
-        """No completion for `timeout` s: cancel and fail the submitted jobs still running."""
-        jobs = {id(job): job for job, _ in self._tracked.values() if job.state == _SUBMITTED}
+        """No completion for `timeout` s: cancel and fail the submitted jobs still awaited."""
+        entries = list(self._tracked.items())
+        self._tracked.clear()
+        jobs = {id(job): job for _, (job, _) in entries}
         keys = [job.key for job in jobs.values()]
+        keys += [dep.key for job in jobs.values() for dep in job.deps]
         stuck = self._processing_workers(keys)
         logger.warning(
             "no task completed for task_timeout=%g s: cancelling %d task(s)", timeout, len(jobs)
         )
-        dfutures = [f for job in jobs.values() for f in [job.dfuture, *job.getters.values()]]
-        for future in dfutures:
-            self._tracked.pop(future.key, None)
-        self.client.cancel(dfutures)
-        for job in jobs.values():
+        self.client.cancel([job.dfuture for job in jobs.values() if job.dfuture is not None])
+        for _key, (job, uid) in entries:
             message = (
                 f"{job.name} ({job.key}) did not complete within task_timeout={timeout:g} s "
                 "(no task completed meanwhile); it was cancelled"
             )
-            job.getters.clear()
-            self._errored(job, None, TaskError("TimeoutError", message, message))
+            error = TaskError("TimeoutError", message, message)
+            self._errored(job, uid, error)
+            self._fail_consumers(job, error)
         if stuck:
             self._on_timeout(stuck)
         self._last = time.monotonic()
@@ -687,13 +675,13 @@ class DaskRunner:
         for job in list(self._ready):
             if job.state == _PENDING and not self._wanted(job):
                 self._fail(job, TaskError("CancelledError", f"{job.name} was cancelled", ""))
-        running = [
-            job
-            for job, uid in list(self._tracked.values())
-            if uid is None and job.state == _SUBMITTED and not self._wanted(job)
-        ]
+        running = {
+            id(job): job
+            for job, _ in list(self._tracked.values())
+            if job.dfuture is not None and not self._wanted(job)
+        }
         if running:
-            self.client.cancel([job.dfuture for job in running])
+            self.client.cancel([job.dfuture for job in running.values()])
 
     def close(self) -> None:
         """Forget every pending job (the client is closed by the cluster)."""
