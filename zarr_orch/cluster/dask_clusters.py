@@ -245,8 +245,15 @@ class LocalDaskCluster(DaskClusterBase):
         conf = self.conf
         # our runner bounds what is submitted, so the scheduler may hand every submitted
         # task to a worker at once: a worker then starts its next tile without waiting for
-        # a scheduler round trip (read when the scheduler is created; not a global change)
-        with dask.config.set({"distributed.scheduler.worker-saturation": math.inf}):
+        # a scheduler round trip (read when the scheduler and nannies are created)
+        settings = {
+            "distributed.scheduler.worker-saturation": math.inf,
+            # keep freed memory in the workers (as multiprocessing mode does): tiles allocate
+            # and free the same temporaries, and returned pages fault again on every tile
+            "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 2**31,
+            "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 2**30,
+        }
+        with dask.config.set(settings):
             self.cluster = LocalCluster(
                 n_workers=conf["nb_workers"],
                 threads_per_worker=conf["threads_per_worker"],

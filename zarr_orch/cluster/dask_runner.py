@@ -263,8 +263,7 @@ class DaskRunner:
         self._ready: deque[_Job] = deque()
         self._in_flight = 0
         self._tracked: dict[str, tuple[_Job, int | None]] = {}
-        # values are fetched by the client's event loop as tasks finish, never waited for
-        self._completed = as_completed([], with_results=True, raise_errors=False, loop=client.loop)
+        self._completed = as_completed([], with_results=False, loop=client.loop)
         self._limit = 0
         self._finished: list[DaskFuture] = []
         self._scattered: dict[int, list[Any]] = {}  # id(obj) -> [obj, future, users]
@@ -310,11 +309,15 @@ class DaskRunner:
         return futures
 
     # -- submitting ---------------------------------------------------------------------------
-    def _submit(self) -> None:
-        """Submit ready jobs (consumers first) while fewer than max_in_flight are running."""
-        limit = self._limit or self.max_in_flight()
+    def _submit(self, slack: int = 0) -> None:
+        """Submit ready jobs (consumers first) while fewer than max_in_flight are running.
+
+        `slack` counts jobs known to be finished whose values are not booked yet.
+        """
+        limit = (self._limit or self.max_in_flight()) + slack
         if not self._ready or (self._in_flight > limit // 2 and self._ready[0].deps == ()):
             return
+        from dask._expr import LLGExpr
         from dask._task_spec import Task, TaskRef
 
         batch: list[_Job] = []
@@ -359,7 +362,9 @@ class DaskRunner:
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            dfutures = self.client.get(graph, keys, sync=False, retries=self.retries or None)
+            # a graph named by us: dask would otherwise hash every task to name it
+            expr = LLGExpr(graph, _determ_token=f"zo{self._prefix}-{self.stats['graphs']}")
+            dfutures = self.client.get(expr, keys, sync=False, retries=self.retries or None)
         for warning in caught:  # e.g. "Sending large graph": for the run log, not the console
             logger.info("distributed: %s", str(warning.message).splitlines()[0])
         by_key = dict(zip(keys, dfutures, strict=True))
@@ -530,21 +535,37 @@ class DaskRunner:
             return
         done = completed.next_batch(block=False)
         self._last = time.monotonic()
-        for future, result in done:
-            entry = self._tracked.pop(future.key, None)
+        entries = [(f, self._tracked.pop(f.key, None)) for f in done]
+        finished = [f for f, entry in entries if entry is not None and f.status == "finished"]
+        # feed the workers first, then fetch every value of the batch with one gather
+        self._submit(slack=len(finished))
+        values: dict[str, Any] = {}
+        if finished:
+            try:
+                values = dict(
+                    zip([f.key for f in finished], self.client.gather(finished), strict=True)
+                )
+            except Exception:  # lost meanwhile, or one cannot be unpickled: one by one
+                values = {}
+        for future, entry in entries:
             if entry is None:  # timed out and cancelled before
                 continue
             job, uid = entry
-            if future.status == "finished":
-                self._computed(job, uid, future, result)
-            elif future.status == "error" and isinstance(result, tuple) and len(result) == 3:
-                _, exc, tb = result
-                text = "".join(traceback.format_exception(type(exc), exc, tb))
+            if future.status == "finished" and future.key in values:
+                self._computed(job, uid, future, values.pop(future.key))
+            elif future.status == "finished":
+                try:
+                    self._computed(job, uid, future, future.result(timeout=60))
+                except Exception as exc:
+                    self._errored(job, uid, TaskError.from_exception(exc))
+            elif future.status == "error":
+                exc = future.exception()
+                text = "".join(traceback.format_exception(type(exc), exc, future.traceback()))
                 self._errored(job, uid, TaskError(type(exc).__name__, str(exc), text, exc))
             else:
                 message = f"{job.name} ({future.key}) was {future.status}"
                 self._errored(job, uid, TaskError("CancelledError", message, message))
-        del done
+        del done, entries, finished, values
         self._submit()
 
     def _computed(self, job: _Job, uid: int | None, dfuture: Any, value: Any) -> None:
