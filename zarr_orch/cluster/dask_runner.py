@@ -243,6 +243,14 @@ def plan_jobs(roots: list[Delayed]) -> tuple[list[_Job], dict[int, _Job]]:
     return jobs, job_of
 
 
+def _size(obj: Any, sizeof: Callable[[Any], int]) -> int:
+    """Bytes `obj` would add to a graph; `nbytes` first, as it never loads lazy tiles."""
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return int(sizeof(obj))
+
+
 class DaskRunner:
     """Submits jobs to a `distributed.Client` in bounded batches and collects their outcomes."""
 
@@ -463,7 +471,7 @@ class DaskRunner:
                 if isinstance(obj, tuple) and hasattr(obj, "_fields"):
                     return kind(*out), True
                 return kind(out), True
-            if sizeof(obj) >= SCATTER_BYTES:
+            if _size(obj, sizeof) >= SCATTER_BYTES:
                 if id(obj) not in self._scattered:
                     heavy[id(obj)] = obj
                 return _Input(position(obj), None, None), True
