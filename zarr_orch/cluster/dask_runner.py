@@ -18,7 +18,6 @@ import operator
 import pickle
 import time
 import traceback
-import types
 import uuid
 import warnings
 from collections import deque
@@ -26,7 +25,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from zarr_orch.cluster.base import Outcome, TaskError
-from zarr_orch.cluster.graph import Delayed, TaskNode, split_outputs
+from zarr_orch.cluster.dask_jobs import (
+    COMPUTED,
+    FINISHED,
+    PENDING,
+    SUBMITTED,
+    DaskFuture,
+    InputSlot,
+    Job,
+    JobPayload,
+    StepRef,
+    plan_jobs,
+)
+from zarr_orch.cluster.graph import Delayed
 
 logger = logging.getLogger(__name__)
 
@@ -36,211 +47,6 @@ SCATTER_BYTES = 64 * 1024
 _POLL = 0.1
 #: exact types that never hold anything to replace in task arguments
 _LEAF_TYPES = frozenset({int, float, str, bytes, bool, complex, type(None)})
-
-
-# -- what runs on the worker ------------------------------------------------------------------
-class _Input:
-    """In a payload: input `pos` of the distributed task (``[uid][index]`` of it, if uid set)."""
-
-    __slots__ = ("index", "pos", "uid")
-
-    def __init__(self, pos: int, uid: int | None, index: int | None) -> None:
-        self.pos, self.uid, self.index = pos, uid, index
-
-    def __reduce__(self) -> tuple[type[_Input], tuple[int, int | None, int | None]]:
-        return (_Input, (self.pos, self.uid, self.index))
-
-
-class _Ref:
-    """In a payload: the output of an earlier step of the same job."""
-
-    __slots__ = ("index", "uid")
-
-    def __init__(self, uid: int, index: int | None) -> None:
-        self.uid, self.index = uid, index
-
-    def __reduce__(self) -> tuple[type[_Ref], tuple[int, int | None]]:
-        return (_Ref, (self.uid, self.index))
-
-
-def _fill(obj: Any, inputs: tuple[Any, ...], values: dict[int, list[Any]]) -> Any:
-    """`obj` with every `_Input` and `_Ref` replaced by its value (nested containers too)."""
-    if isinstance(obj, _Input):
-        value = inputs[obj.pos]
-        if obj.uid is None:
-            return value
-        outputs = value[obj.uid]
-        return outputs[0] if obj.index is None else outputs[obj.index]
-    if isinstance(obj, _Ref):
-        outputs = values[obj.uid]
-        return outputs[0] if obj.index is None else outputs[obj.index]
-    if isinstance(obj, list):
-        return [_fill(item, inputs, values) for item in obj]
-    if isinstance(obj, tuple):
-        items = [_fill(item, inputs, values) for item in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, set | frozenset):
-        return type(obj)(_fill(item, inputs, values) for item in obj)
-    if isinstance(obj, dict):
-        return {key: _fill(value, inputs, values) for key, value in obj.items()}
-    return obj
-
-
-class JobPayload:
-    """The steps of one job; called on the worker with the job's inputs, in order.
-
-    Returns ``{uid: outputs}`` for the steps whose outputs someone wants (a future in the
-    main process, or another job).
-    """
-
-    __slots__ = ("returns", "steps")
-
-    def __init__(self, steps: list[tuple], returns: tuple[int, ...]) -> None:
-        self.steps = steps
-        self.returns = returns
-
-    def __reduce__(self) -> tuple[type[JobPayload], tuple[list[tuple], tuple[int, ...]]]:
-        return (JobPayload, (self.steps, self.returns))
-
-    def __call__(self, *inputs: Any) -> dict[int, list[Any]]:
-        values: dict[int, list[Any]] = {}
-        for uid, name, func, args, kwargs, nout, fill in self.steps:
-            if fill:
-                args = _fill(args, inputs, values)
-                kwargs = _fill(kwargs, inputs, values)
-            result = func(*args, **kwargs)
-            values[uid] = split_outputs(types.SimpleNamespace(name=name, nout=nout), result)
-            del args, kwargs, result
-        return {uid: values[uid] for uid in self.returns}
-
-
-# -- main-process bookkeeping -----------------------------------------------------------------
-class DaskFuture:
-    """A started task of a dask cluster (what `start_tasks` returns)."""
-
-    __slots__ = ("cancelled", "delayed", "done", "error", "job", "value")
-
-    def __init__(self, delayed: Any) -> None:
-        self.delayed = delayed
-        self.job: _Job | None = None
-        self.done = False
-        self.cancelled = False
-        self.value: Any = None
-        self.error: TaskError | None = None
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done else ("error" if self.error else "done")
-        return f"DaskFuture({self.delayed!r}, {state})"
-
-
-_PENDING, _SUBMITTED, _COMPUTED, _FINISHED = "pending", "submitted", "computed", "finished"
-
-
-class _Job:
-    """A node plus the nodes fused into it: one distributed task."""
-
-    __slots__ = (
-        "consumers",
-        "deps",
-        "dfuture",
-        "futures",
-        "getters",
-        "key",
-        "outstanding",
-        "scattered",
-        "state",
-        "steps",
-        "unsubmitted",
-        "waiting",
-    )
-
-    def __init__(self, head: TaskNode) -> None:
-        self.steps: tuple[TaskNode, ...] = (head,)
-        self.deps: tuple[_Job, ...] = ()
-        self.consumers: list[_Job] = []
-        self.futures: tuple[DaskFuture, ...] = ()
-        self.waiting = 0  # dependencies not submitted yet
-        self.unsubmitted = 0  # consumers not submitted yet
-        self.state = _PENDING
-        self.key = ""
-        self.dfuture: Any = None
-        self.getters: dict[int, Any] = {}
-        self.outstanding = 0  # distributed futures whose values we still wait for
-        self.scattered: tuple[int, ...] = ()
-
-    @property
-    def name(self) -> str:
-        """Head task name, plus the fused ones, for messages."""
-        head = repr(self.steps[0].name)
-        if len(self.steps) == 1:
-            return f"task {head}"
-        rest = ", ".join(repr(step.name) for step in self.steps[1:])
-        return f"task {head} (with fused {rest})"
-
-    def uids(self) -> set[int]:
-        """Uids of the nodes this job runs."""
-        return {step.uid for step in self.steps}
-
-
-def plan_jobs(roots: list[Delayed]) -> tuple[list[_Job], dict[int, _Job]]:
-    """Group the graph of `roots` into jobs (dependencies first); also the job of each uid.
-
-    A node joins the job of its single dependency when it is fused (a sink) or is that
-    dependency's only user and the dependency is not itself a root (a chain link).
-    """
-    order: list[TaskNode] = []
-    deps_of: dict[int, tuple[Delayed, ...]] = {}
-    users: dict[int, int] = {}
-    shared = -1
-    for root in roots:
-        stack: list[tuple[TaskNode, bool]] = [(root.node, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
-                continue
-            if node.uid in deps_of:
-                continue
-            deps = tuple(node.dependencies())
-            deps_of[node.uid] = deps
-            stack.append((node, True))
-            for dep in reversed(deps):
-                if users.setdefault(dep.node.uid, node.uid) != node.uid:
-                    users[dep.node.uid] = shared
-                if dep.node.uid not in deps_of:
-                    stack.append((dep.node, False))
-    for root in roots:
-        if root.node.uid in users:
-            users[root.node.uid] = shared
-    job_of: dict[int, _Job] = {}
-    jobs: list[_Job] = []
-    for node in order:
-        deps = deps_of[node.uid]
-        host = None
-        if deps:
-            parent = deps[0].node.uid
-            single = all(dep.node.uid == parent for dep in deps)
-            if single and (node.fused or users[parent] == node.uid):
-                host = job_of[parent]
-        if host is None:
-            host = _Job(node)
-            jobs.append(host)
-        else:
-            host.steps += (node,)
-        job_of[node.uid] = host
-    for job in jobs:
-        found: dict[int, _Job] = {}
-        for step in job.steps:
-            for dep in deps_of[step.uid]:
-                producer = job_of[dep.node.uid]
-                if producer is not job:
-                    found.setdefault(id(producer), producer)
-        job.deps = tuple(found.values())
-        job.waiting = len(job.deps)
-        for producer in job.deps:
-            producer.consumers.append(job)
-            producer.unsubmitted += 1
-    return jobs, job_of
 
 
 def _size(obj: Any, sizeof: Callable[[Any], int]) -> int:
@@ -268,9 +74,9 @@ class DaskRunner:
         self._max_in_flight = max_in_flight
         self._on_timeout = on_timeout
         self._future_type = Future
-        self._ready: deque[_Job] = deque()
+        self._ready: deque[Job] = deque()
         self._in_flight = 0
-        self._tracked: dict[str, tuple[_Job, int | None]] = {}
+        self._tracked: dict[str, tuple[Job, int | None]] = {}
         self._completed = as_completed([], with_results=False, loop=client.loop)
         self._limit = 0
         self._finished: list[DaskFuture] = []
@@ -328,12 +134,12 @@ class DaskRunner:
         from dask._expr import LLGExpr
         from dask._task_spec import Task, TaskRef
 
-        batch: list[_Job] = []
+        batch: list[Job] = []
         while self._ready and (self._in_flight + len(batch) < limit or self._ready[0].deps):
             job = self._ready.popleft()
-            if job.state == _PENDING and self._wanted(job):
+            if job.state == PENDING and self._wanted(job):
                 batch.append(job)
-            elif job.state == _PENDING:
+            elif job.state == PENDING:
                 self._fail(job, TaskError("CancelledError", f"{job.name} was cancelled", ""))
         if not batch:
             return
@@ -363,7 +169,7 @@ class DaskRunner:
                 key = f"{job.key}-out{uid}"
                 graph[key] = Task(key, operator.getitem, TaskRef(job.key), uid)
                 keys.append(key)
-            job.scattered = tuple(id(v) for v in inputs if not isinstance(v, _Job))
+            job.scattered = tuple(id(v) for v in inputs if not isinstance(v, Job))
             for ident in job.scattered:
                 self._scattered[ident][2] += 1
         if not graph:
@@ -381,7 +187,7 @@ class DaskRunner:
             if item is None:
                 continue
             self.stats["jobs"] += 1
-            job.state = _SUBMITTED
+            job.state = SUBMITTED
             job.dfuture = by_key[job.key]
             fetched = [(None, job.dfuture)] if not job.consumers and job.futures else []
             for uid in self._getter_uids(job):
@@ -404,14 +210,14 @@ class DaskRunner:
         if self._ready and self._ready[0].deps:
             self._submit()
 
-    def _wanted(self, job: _Job) -> bool:
+    def _wanted(self, job: Job) -> bool:
         """True while a future or a pending consumer still wants this job's outputs."""
         if any(not f.cancelled for f in job.futures):
             return True
-        return any(c.state == _PENDING and self._wanted(c) for c in job.consumers)
+        return any(c.state == PENDING and self._wanted(c) for c in job.consumers)
 
     @staticmethod
-    def _getter_uids(job: _Job) -> list[int]:
+    def _getter_uids(job: Job) -> list[int]:
         """Outputs fetched by small extra tasks: a job feeding others keeps its data on the
         workers, so the main process only fetches what its futures want."""
         if not job.consumers:
@@ -419,12 +225,12 @@ class DaskRunner:
         return sorted({f.delayed.node.uid for f in job.futures})
 
     def _input_key(self, value: Any) -> str:
-        if isinstance(value, _Job):
+        if isinstance(value, Job):
             return value.key
         return self._scattered[id(value)][1].key
 
-    def _encode(self, job: _Job, heavy: dict[int, Any]) -> tuple[bytes, list[Any]]:
-        """Pickle a job's steps; inputs (other jobs, futures, big objects) become `_Input`s."""
+    def _encode(self, job: Job, heavy: dict[int, Any]) -> tuple[bytes, list[Any]]:
+        """Pickle a job's steps; inputs (other jobs, futures, big objects) become `InputSlot`s."""
         from dask.sizeof import sizeof
         from distributed.protocol.pickle import dumps
 
@@ -446,12 +252,12 @@ class DaskRunner:
             if kind is Delayed:
                 uid = obj.node.uid
                 if uid in in_job:
-                    return _Ref(uid, obj.index), True
+                    return StepRef(uid, obj.index), True
                 producer = next(d for d in job.deps if uid in d.uids())
-                return _Input(position(producer), uid, obj.index), True
+                return InputSlot(position(producer), uid, obj.index), True
             if isinstance(obj, self._future_type):
                 self._scattered.setdefault(id(obj), [obj, obj, 0])
-                return _Input(position(obj), None, None), True
+                return InputSlot(position(obj), None, None), True
             if isinstance(obj, list | tuple | set | frozenset | dict):
                 items = obj.items() if isinstance(obj, dict) else obj
                 changed = False
@@ -474,7 +280,7 @@ class DaskRunner:
             if _size(obj, sizeof) >= SCATTER_BYTES:
                 if id(obj) not in self._scattered:
                     heavy[id(obj)] = obj
-                return _Input(position(obj), None, None), True
+                return InputSlot(position(obj), None, None), True
             return obj, False
 
         steps = []
@@ -576,7 +382,7 @@ class DaskRunner:
         del done, entries, finished, values
         self._submit()
 
-    def _computed(self, job: _Job, uid: int | None, dfuture: Any, value: Any) -> None:
+    def _computed(self, job: Job, uid: int | None, dfuture: Any, value: Any) -> None:
         """A fetched value arrived: a whole job's (uid None) or one getter's outputs."""
         for future in job.futures:
             if uid is None or future.delayed.node.uid == uid:
@@ -585,14 +391,14 @@ class DaskRunner:
                 self._resolve(future, outputs[0] if index is None else outputs[index], None)
         self._settle(job, uid, dfuture)
 
-    def _errored(self, job: _Job, uid: int | None, error: TaskError) -> None:
+    def _errored(self, job: Job, uid: int | None, error: TaskError) -> None:
         """A fetched task failed (after distributed's retries) or was cancelled."""
         for future in job.futures:
             if uid is None or future.delayed.node.uid == uid:
                 self._resolve(future, None, error)
         self._settle(job, uid, None)
 
-    def _settle(self, job: _Job, uid: int | None, dfuture: Any) -> None:
+    def _settle(self, job: Job, uid: int | None, dfuture: Any) -> None:
         """One awaited value of `job` is in: release its getter; maybe the job itself."""
         if uid is not None:
             job.getters.pop(uid, None)
@@ -601,10 +407,10 @@ class DaskRunner:
         job.outstanding -= 1
         if job.outstanding == 0:
             self._in_flight -= 1
-            job.state = _COMPUTED
+            job.state = COMPUTED
         self._release_if_done(job)
 
-    def _fail_consumers(self, job: _Job, error: TaskError) -> None:
+    def _fail_consumers(self, job: Job, error: TaskError) -> None:
         """Consumers not submitted yet can never run: fail them with the upstream error."""
         upstream = TaskError(
             error.exc_type,
@@ -613,12 +419,12 @@ class DaskRunner:
             error.exception,
         )
         for consumer in job.consumers:
-            if consumer.state == _PENDING:
+            if consumer.state == PENDING:
                 self._fail(consumer, upstream)
 
-    def _fail(self, job: _Job, error: TaskError) -> None:
+    def _fail(self, job: Job, error: TaskError) -> None:
         """Fail a job that was never submitted, and what depends on it."""
-        job.state = _FINISHED
+        job.state = FINISHED
         if job in self._ready:
             self._ready.remove(job)
         for future in job.futures:
@@ -635,17 +441,17 @@ class DaskRunner:
         future.job = None
         self._finished.append(future)
 
-    def _release_if_done(self, job: _Job) -> None:
+    def _release_if_done(self, job: Job) -> None:
         """Forget a job once its values are in and its consumers are submitted.
 
         A job feeding others is released as soon as they are submitted: the scheduler keeps
         its data exactly as long as those consumers need it.
         """
-        if job.state == _PENDING or job.state == _FINISHED:
+        if job.state == PENDING or job.state == FINISHED:
             return
         if job.outstanding > 0 or job.unsubmitted > 0:
             return
-        job.state = _FINISHED
+        job.state = FINISHED
         if job.dfuture is not None:
             job.dfuture.release()
             job.dfuture = None
@@ -702,7 +508,7 @@ class DaskRunner:
             if isinstance(future, DaskFuture) and not future.done:
                 future.cancelled = True
         for job in list(self._ready):
-            if job.state == _PENDING and not self._wanted(job):
+            if job.state == PENDING and not self._wanted(job):
                 self._fail(job, TaskError("CancelledError", f"{job.name} was cancelled", ""))
         running = {
             id(job): job
