@@ -3,7 +3,8 @@
 A job is a task plus the nodes fused into it (its sink, single-consumer chain links), as in
 multiprocessing mode, so a saved tile is computed and written by one distributed task and
 only its receipt comes back. Outputs that feed other jobs stay on the workers as distributed
-futures, held only until their consumers are submitted and they are computed. Jobs are
+futures; we hold them until their consumers are submitted, the scheduler until those have
+run. Jobs are
 submitted in bounded batches as results come back. Each job travels as one pickled payload
 called through builtins (`operator.call`, `pickle.loads`), so the scheduler never unpickles
 user code, and the graph never embeds tile data: concrete inputs of `SCATTER_BYTES` or more
@@ -38,6 +39,7 @@ from zarr_orch.cluster.dask_jobs import (
     plan_jobs,
 )
 from zarr_orch.cluster.graph import Delayed
+from zarr_orch.errors import ZarrOrchError
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +341,7 @@ class DaskRunner:
         completed = self._completed
         if not completed.has_ready():
             if not self._tracked and not self._ready:
-                raise RuntimeError("futures are pending but no task is running or ready")
+                raise ZarrOrchError("futures are pending but no task is running or ready")
             if timeout is not None and time.monotonic() - self._last >= timeout:
                 self._time_out(timeout)
                 return
