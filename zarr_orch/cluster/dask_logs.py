@@ -37,6 +37,8 @@ def capture() -> None:
         _users += 1
         if _users > 1:
             return
+        import distributed  # noqa: F401 (it installs its own handler when first imported)
+
         target = logging.getLogger(_LOGGER)
         _saved = (target.propagate, list(target.handlers))
         for handler in _saved[1]:
