@@ -2,7 +2,8 @@
 
 Pipeline: an 8192x8192 float32 raster (256 MiB), a 3x3 mean per tile, tiles of 1024 and
 256 px, codecs zstd (zarr's default) and none, 2 workers. Cases:
-- zarr_orch in sequential and multiprocessing modes (and local_dask),
+- zarr_orch in sequential, multiprocessing and local_dask modes, and `mode: dask` against
+  an already running LocalCluster (2 workers, 1 thread each, like the distributed baseline),
 - dask `map_blocks(...).to_zarr` with the threaded scheduler and with a distributed
   LocalCluster(2 workers),
 - an xarray `to_zarr(region=...)` loop and a plain per-tile zarr write loop (main process).
@@ -10,9 +11,12 @@ Each case runs `--repeat` times (median reported); MB/s counts uncompressed byte
 ms/tile = (wall - serial compute time / workers) / tiles; peak RSS is this process's peak
 above its RSS at the case start (sampled every 5 ms).
 
-Run: python benchmarks/bench_parallel.py [--size 8192] [--repeat 3] [--big]
+Run: python benchmarks/bench_parallel.py [--size 8192] [--repeat 3] [--big] [--graph]
 `--big` adds the memory case: a 4 GiB saved-only raster (32768^2 float32, tile 1024) in
-multiprocessing, whose main-process peak RSS must stay <= 300 MiB.
+multiprocessing and local_dask, whose main-process peak RSS must stay <= 300 MiB.
+`--graph` runs the demo in local_dask at 2048 and 4096 px and prints the bytes of every
+graph sent to the scheduler, as distributed itself counts them (its large-graph warning
+lowered to 1 byte; zarr_orch keeps those warnings in the run log).
 """
 
 from __future__ import annotations
@@ -80,7 +84,15 @@ def compressors(codec: str) -> Any:
 
 def case_zarr_orch(mode: str, size: int, tile: int, codec: str, out: str) -> Callable[[], None]:
     conf: dict[str, Any] = {"mode": mode, "codec": codec, "progress": False}
-    if mode != "sequential":
+    cluster = None
+    if mode == "dask":  # someone else's running cluster, configured like the baseline's
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        conf["address"] = cluster.scheduler_address
+    elif mode != "sequential":
         conf["nb_workers"] = 2
     orch = Orchestrator(conf, out_dir=out)  # cluster start is setup, not measured
     warm_up(orch)
@@ -88,7 +100,12 @@ def case_zarr_orch(mode: str, size: int, tile: int, codec: str, out: str) -> Cal
     def run() -> None:
         tiles.save_mean(orch, "mean.zarr", size, tile)
 
-    run.close = lambda: orch.__exit__(None, None, None)  # type: ignore[attr-defined]
+    def close() -> None:
+        orch.__exit__(None, None, None)
+        if cluster is not None:
+            cluster.close()
+
+    run.close = close  # type: ignore[attr-defined]
     return run
 
 
@@ -268,6 +285,10 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=["zstd", "none"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--big", action="store_true", help="add the 4 GiB memory case")
+    parser.add_argument("--graph", action="store_true", help="graph sizes of the demo")
+    parser.add_argument(
+        "--only-graph", action="store_true", help="only the graph sizes (no throughput)"
+    )
     parser.add_argument("--skip", nargs="*", default=[], help="case names to skip")
     args = parser.parse_args()
     modes = AbstractCluster.modes()
@@ -276,7 +297,7 @@ def main() -> None:
         f"# zarr_orch {zarr_orch.__version__}, {os.cpu_count()} cores, size {size}, "
         f"repeat {args.repeat} (median)"
     )
-    for tile in args.tiles:
+    for tile in [] if args.only_graph else args.tiles:
         compute_s = statistics.median(serial_compute_seconds(size, tile) for _ in range(2))
         for codec in args.codecs:
             bind = functools.partial
@@ -287,7 +308,7 @@ def main() -> None:
                 ("dask-distributed", 2, bind(case_dask, "distributed", size, tile, codec)),
                 ("zo-sequential", 1, bind(case_zarr_orch, "sequential", size, tile, codec)),
             ]
-            for mode in ("multiprocessing", "local_dask"):
+            for mode in ("multiprocessing", "local_dask", "dask"):
                 if mode in modes:
                     cases.append((f"zo-{mode}", 2, bind(case_zarr_orch, mode, size, tile, codec)))
             results = []
@@ -302,37 +323,83 @@ def main() -> None:
             )
             print(
                 "| case | wall s (min-max) | MB/s | ms/tile | ovh ms/tile | peak dRSS MiB "
-                "| x dask-threads | x zarr-loop |"
+                "| x dask-threads | x dask-distributed | x zarr-loop |"
             )
-            print("|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|")
             for r in results:
-                ratio_dask = r["mbs"] / base["dask-threads"] if "dask-threads" in base else 0
-                ratio_loop = r["mbs"] / base["zarr-loop"] if "zarr-loop" in base else 0
+                ratios = [
+                    f"{r['mbs'] / base[name]:.2f}" if name in base else "-"
+                    for name in ("dask-threads", "dask-distributed", "zarr-loop")
+                ]
                 print(
                     f"| {r['case']} | {r['wall']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | "
                     f"{r['mbs']:.0f} | {r['ms_tile']:.2f} | {r['ovh']:.2f} | {r['rss']:.0f} | "
-                    f"{ratio_dask:.2f} | {ratio_loop:.2f} |"
+                    f"{' | '.join(ratios)} |"
                 )
             sys.stdout.flush()
-    if args.big and "multiprocessing" in modes:
+    if args.big:
         big = 32768
-        result = measure(
-            "zo-multiprocessing 4 GiB",
-            lambda o: case_zarr_orch("multiprocessing", big, 1024, "zstd", o),
-            big,
-            1024,
-            1,
-            2,
-            serial_compute_seconds(4096, 1024) * 64,
-        )
+        for mode in ("multiprocessing", "local_dask"):
+            result = measure(
+                f"zo-{mode} 4 GiB",
+                functools.partial(case_zarr_orch, mode, big, 1024, "zstd"),
+                big,
+                1024,
+                1,
+                2,
+                serial_compute_seconds(4096, 1024) * 64,
+            )
+            print(
+                f"\n## memory: 4 GiB saved-only raster ({big}^2 float32, tile 1024, zstd, "
+                f"{mode}, 2 workers)"
+            )
+            print(
+                f"wall {result['wall']:.1f} s, {result['mbs']:.0f} MB/s, main-process peak "
+                f"dRSS {result['rss']:.0f} MiB (target <= 300 MiB)"
+            )
+            sys.stdout.flush()
+    if args.graph or args.only_graph:
+        graph_sizes()
+
+
+def graph_sizes() -> None:
+    """Bytes of the graphs local_dask sends to the scheduler for the demo at 2048 and 4096 px."""
+    import re
+
+    import dask
+    import distributed  # noqa: F401 (its config defaults must exist before we change one)
+    from dask.utils import format_bytes, parse_bytes
+
+    from zarr_orch.demo import run_demo
+
+    pattern = re.compile(r"distributed: Sending large graph of size ([0-9.]+ [kMG]?i?B)")
+    rows = []
+    for size in (2048, 4096):
+        out = tempfile.mkdtemp(prefix="zo_bench_graph_", dir=os.environ.get("BENCH_DIR"))
+        try:
+            with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1B"}):
+                result = run_demo(
+                    out,
+                    {"mode": "local_dask", "nb_workers": 2, "progress": False},
+                    size=size,
+                    tile=512,
+                )
+            [log] = [n for n in os.listdir(os.path.join(out, "logs")) if n.endswith(".log")]
+            with open(os.path.join(out, "logs", log), encoding="utf-8") as handle:
+                sizes = [parse_bytes(m) for m in pattern.findall(handle.read())]
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append((size, result.tiles, sizes))
+    print("\n## graphs sent to the scheduler: demo (2 stages, tile 512) in local_dask")
+    print("| raster | tiles per stage | graphs | largest graph | total | per tile |")
+    print("|---|---|---|---|---|---|")
+    for size, ntiles, sizes in rows:
         print(
-            f"\n## memory: 4 GiB saved-only raster ({big}^2 float32, tile 1024, zstd, "
-            f"multiprocessing, 2 workers)"
+            f"| {size} px | {ntiles} | {len(sizes)} | {format_bytes(max(sizes))} | "
+            f"{format_bytes(sum(sizes))} | {format_bytes(sum(sizes) // (2 * ntiles))} |"
         )
-        print(
-            f"wall {result['wall']:.1f} s, {result['mbs']:.0f} MB/s, main-process peak dRSS "
-            f"{result['rss']:.0f} MiB (target <= 300 MiB)"
-        )
+    ratio = max(rows[1][2]) / max(rows[0][2])
+    print(f"largest graph 4096 px / 2048 px: {ratio:.2f} (target: within 10 %)")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,28 @@
 """Dask modes: a local `distributed` cluster, an existing scheduler, or PBS/SLURM jobs.
 
-Tasks are plain `dask.delayed` calls and sinks are delayed calls on their tile, which dask's
-locality rule runs on the worker already holding the tile. `dask`/`distributed` are imported
-only when such a cluster is created (importing `distributed` costs about a second), and no
-global dask config is changed: our clients never become the default scheduler.
+Tasks are nodes of zarr_orch's own lazy graph, run by `dask_runner.DaskRunner`: a tile task
+and its sink are one distributed task, submitted in bounded batches. `dask`/`distributed` are
+imported only when such a cluster is created (importing `distributed` costs about a second),
+no global dask config is changed (our clients never become the default scheduler), and
+distributed's log lines go to the run log, not the console (`dask_logs`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from zarr_orch.cluster.base import AbstractCluster, Option, Outcome, TaskError
+from zarr_orch.cluster import dask_logs
+from zarr_orch.cluster.base import AbstractCluster, Option, Outcome
+from zarr_orch.cluster.dask_runner import DaskRunner
+from zarr_orch.cluster.graph import GraphTasks
 from zarr_orch.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
-
-#: seconds between two checks of the timeout while waiting for a completion
-_POLL = 0.1
 
 
 # -- conf validators -------------------------------------------------------------------------
@@ -96,15 +96,13 @@ def _mib(mb: float) -> int:
     return int(mb * 2**20)
 
 
-def _task_name(key: Any) -> str:
-    """A readable task name from a dask key such as 'my_func-1b2c...'."""
-    text = key[0] if isinstance(key, tuple) else str(key)
-    return re.sub(r"-[0-9a-f]{8,}(-[0-9a-f-]+)?$", "", str(text))
-
-
 # -- the common part ---------------------------------------------------------------------------
-class DaskClusterBase(AbstractCluster):
-    """What every dask mode shares: delayed tasks, compute with retries, the future iterator."""
+class DaskClusterBase(GraphTasks, AbstractCluster):
+    """What every dask mode shares: our lazy graph, run by `DaskRunner` on a distributed client.
+
+    A tile task and its sink are one distributed task (see `zarr_orch.cluster.dask_runner`);
+    distributed retries failed tasks `max_retries` times and reruns those of lost workers.
+    """
 
     IN_PROCESS = False
     #: True when we started the cluster (and may restart or close its workers)
@@ -117,10 +115,17 @@ class DaskClusterBase(AbstractCluster):
         super().__init__(conf, out_dir, launch_worker)
         self.client: Any = None
         self.cluster: Any = None
+        self.runner: DaskRunner | None = None
         self.max_retries = int(conf.get("max_retries", 0) or 0)
+        self._logs_captured = False
         if launch_worker:
             try:
+                dask_logs.capture()
+                self._logs_captured = True
                 self._start()
+                self.runner = DaskRunner(
+                    self.client, self.max_retries, conf.get("max_in_flight"), self._free_workers
+                )
             except BaseException:
                 self.cleanup()
                 raise
@@ -129,136 +134,38 @@ class DaskClusterBase(AbstractCluster):
         """Create `self.client` (and `self.cluster` when we start one)."""
         raise NotImplementedError
 
-    def _client(self) -> Any:
-        if self.client is None:
+    def _runner(self) -> DaskRunner:
+        if self.runner is None or self.client is None:
             raise ConfigurationError(
                 f"the {self.conf.get('mode')!r} cluster is not running "
                 "(created with launch_worker=False, or cleaned up)"
             )
-        return self.client
+        return self.runner
 
     # -- task API -----------------------------------------------------------------------------
-    def create_task_wrapped(self, func: Callable[..., Any], nout: int = 1) -> Callable[..., Any]:
-        """A builder of `dask.delayed` calls of `func` (a tuple of Delayed when nout > 1)."""
-        import dask
-
-        delayed_func = dask.delayed(func, pure=False, nout=nout)
-
-        def builder(*args: Any, **kwargs: Any) -> Any:
-            result = delayed_func(*args, **kwargs)
-            return tuple(result) if nout > 1 else result
-
-        builder.__name__ = getattr(func, "__name__", "task")
-        return builder
-
-    def get_delayed_type(self) -> type:
-        """Lazy objects are `dask.delayed.Delayed`."""
-        from dask.delayed import Delayed
-
-        return Delayed
-
-    def attach_sink(self, delayed: Any, sink: Callable[[Any], Any]) -> Any:
-        """``sink(value)`` as a delayed call; dask runs it where the value already is."""
-        import dask
-
-        return dask.delayed(sink, pure=False)(delayed)
-
     def start_tasks(self, task_list: list[Any]) -> list[Any]:
-        """Submit the graph; failing tasks are retried `max_retries` times by the scheduler."""
-        return self._client().compute(list(task_list), retries=self.max_retries)
+        """Plan one distributed task per job and submit the first batch of them."""
+        return self._runner().start(list(task_list))
 
     def scatter(self, data: Any, broadcast: bool = True) -> Any:
         """Send `data` to the workers once; the future can be passed to many tasks."""
-        return self._client().scatter(data, broadcast=broadcast)
+        self._runner()
+        return self.client.scatter(data, broadcast=broadcast)
 
     def cancel(self, future_list: Any) -> None:
-        """Cancel the futures (running tasks finish in their worker thread)."""
-        from distributed import Future
+        """Drop the jobs only these futures wanted (running tasks finish in their thread)."""
+        if self.runner is not None and self.client is not None:
+            self.runner.cancel(future_list)
 
-        futures = [f for f in future_list if isinstance(f, Future)]
-        if futures and self.client is not None:
-            self.client.cancel(futures)
-
-    # -- results ------------------------------------------------------------------------------
     def future_iterator(
         self, future_list: list[Any], timeout: float | None = None
     ) -> Iterator[Outcome]:
-        """Yield one Outcome per future as it completes, releasing each one once consumed.
+        """Yield one Outcome per future as it completes, submitting more jobs meanwhile.
 
-        When no task completes for `timeout` seconds, the remaining futures are cancelled and
-        yielded as failed with a TimeoutError message.
+        When no task completes for `timeout` seconds, the running tasks are cancelled and
+        yielded as failed with a TimeoutError message; the others go on.
         """
-        from distributed import Future, as_completed
-
-        futures = [f for f in future_list if isinstance(f, Future)]
-        for value in future_list:
-            if not isinstance(value, Future):  # compute() hands non-dask objects back as is
-                yield Outcome(value, value=value)
-        if not futures:
-            return
-        remaining = {f.key: f for f in futures}
-        completed = as_completed(futures, with_results=False, loop=self._client().loop)
-        del futures
-        last = time.monotonic()
-        while remaining:
-            if not completed.has_ready():
-                if timeout is not None and time.monotonic() - last >= timeout:
-                    yield from self._time_out(remaining, timeout)
-                    return
-                with completed.thread_condition:
-                    completed.thread_condition.wait(timeout=_POLL)
-                continue
-            future = next(completed)
-            last = time.monotonic()
-            remaining.pop(future.key, None)
-            outcome = self._outcome(future)
-            future.release()  # the scheduler may forget the result now
-            yield outcome
-            del future, outcome
-
-    def _outcome(self, future: Any) -> Outcome:
-        status = future.status
-        if status == "finished":
-            try:
-                return Outcome(future, value=future.result())
-            except Exception as exc:  # lost between completion and fetch
-                return Outcome(future, error=TaskError.from_exception(exc))
-        if status == "error":
-            exc = future.exception()
-            tb = future.traceback()
-            text = "".join(traceback.format_exception(type(exc), exc, tb))
-            return Outcome(future, error=TaskError(type(exc).__name__, str(exc), text, exc))
-        message = f"task {_task_name(future.key)!r} ({future.key}) was {status}"
-        return Outcome(future, error=TaskError("CancelledError", message, message))
-
-    def _time_out(self, remaining: dict[Any, Any], timeout: float) -> Iterator[Outcome]:
-        """Cancel the stalled futures and yield them as failed."""
-        futures = list(remaining.values())
-        remaining.clear()
-        stuck = self._processing_workers([f.key for f in futures])
-        logger.warning(
-            "no task completed for task_timeout=%g s: cancelling %d task(s)", timeout, len(futures)
-        )
-        self._client().cancel(futures)
-        if stuck:
-            self._free_workers(stuck)
-        for future in futures:
-            message = (
-                f"task {_task_name(future.key)!r} ({future.key}) did not complete within "
-                f"task_timeout={timeout:g} s (no task completed meanwhile); it was cancelled"
-            )
-            outcome = Outcome(future, error=TaskError("TimeoutError", message, message))
-            future.release()
-            yield outcome
-
-    def _processing_workers(self, keys: list[Any]) -> list[str]:
-        """Workers currently running one of `keys`."""
-        try:
-            processing = self._client().processing()
-        except Exception:  # a best-effort diagnostic
-            return []
-        wanted = {str(key) for key in keys}
-        return [w for w, ks in processing.items() if any(str(k) in wanted for k in ks)]
+        yield from self._runner().iterate(future_list, timeout)
 
     def _free_workers(self, workers: list[str]) -> None:
         """Hung tasks keep a worker thread busy: restart those workers if the cluster is ours."""
@@ -271,25 +178,46 @@ class DaskClusterBase(AbstractCluster):
             return
         logger.warning("restarting workers %s to stop the timed-out task(s)", ", ".join(workers))
         try:
-            self._client().restart_workers(workers, timeout=30)
+            self.client.restart_workers(workers, timeout=30)
         except Exception as exc:
             logger.warning("could not restart workers %s: %s", workers, exc)
 
     def cleanup(self, **kwargs: Any) -> None:
         """Close our client, and the cluster if we started it (idempotent)."""
+        runner, self.runner = self.runner, None
         client, self.client = self.client, None
         cluster, self.cluster = self.cluster, None
-        if client is not None:
-            try:
-                client.close()
-            except Exception as exc:
-                logger.warning("closing the dask client failed: %s", exc)
-        if cluster is not None:
-            try:
-                cluster.close()
-            except Exception as exc:
-                logger.warning("closing the dask cluster failed: %s", exc)
+        try:
+            if runner is not None:
+                runner.close()
+            if client is not None:
+                try:
+                    client.close()
+                except Exception as exc:
+                    logger.warning("closing the dask client failed: %s", exc)
+            if cluster is not None:
+                try:
+                    cluster.close()
+                except Exception as exc:
+                    logger.warning("closing the dask cluster failed: %s", exc)
+        finally:
+            if self._logs_captured:
+                self._logs_captured = False
+                dask_logs.release()
 
+
+def _optional_positive_int(name: str) -> Callable[[Any], int | None]:
+    def check(value: Any) -> int | None:
+        return None if value is None else _positive_int(name)(value)
+
+    return check
+
+
+_IN_FLIGHT = Option(
+    None,
+    _optional_positive_int("max_in_flight"),
+    "tasks submitted and not finished at once (null: 4 per worker thread)",
+)
 
 _COMMON_RESOURCES = {
     "nb_workers": Option(2, _positive_int("nb_workers"), "dask worker processes"),
@@ -297,6 +225,7 @@ _COMMON_RESOURCES = {
         2000, _positive_number("max_ram_per_worker", "MB"), "memory limit of each worker (MB)"
     ),
     "activate_dashboard": Option(False, _boolean("activate_dashboard"), "serve dask's dashboard"),
+    "max_in_flight": _IN_FLIGHT,
 }
 
 
@@ -310,16 +239,32 @@ class LocalDaskCluster(DaskClusterBase):
     }
 
     def _start(self) -> None:
+        import dask
         from distributed import Client, LocalCluster
 
         conf = self.conf
-        self.cluster = LocalCluster(
-            n_workers=conf["nb_workers"],
-            threads_per_worker=conf["threads_per_worker"],
-            memory_limit=_mib(conf["max_ram_per_worker"]),
-            processes=True,
-            dashboard_address=":0" if conf["activate_dashboard"] else None,
-        )
+        # our runner bounds what is submitted, so the scheduler may hand every submitted
+        # task to a worker at once: a worker then starts its next tile without waiting for
+        # a scheduler round trip (read when the scheduler and nannies are created)
+        settings = {
+            "distributed.scheduler.worker-saturation": math.inf,
+            # keep freed memory in the workers (as multiprocessing mode does): tiles allocate
+            # and free the same temporaries, and returned pages fault again on every tile
+            "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 2**31,
+            "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 2**30,
+        }
+        with dask.config.set(settings):
+            self.cluster = LocalCluster(
+                n_workers=conf["nb_workers"],
+                threads_per_worker=conf["threads_per_worker"],
+                memory_limit=_mib(conf["max_ram_per_worker"]),
+                processes=True,
+                host="127.0.0.1",
+                # the scheduler serves HTTP (health, metrics) even without a dashboard: on a
+                # free port, so that two runs on one machine do not fight over 8787
+                dashboard_address="127.0.0.1:0",
+                scheduler_kwargs={"dashboard": conf["activate_dashboard"]},
+            )
         self.client = Client(self.cluster, set_as_default=False)
         logger.info("started a local dask cluster: %s", self.cluster)
 
@@ -334,6 +279,7 @@ class ExistingDaskCluster(DaskClusterBase):
         "connect_timeout": Option(
             10, _positive_number("connect_timeout", "seconds"), "seconds to reach the scheduler"
         ),
+        "max_in_flight": _IN_FLIGHT,
     }
 
     def _start(self) -> None:
