@@ -27,12 +27,19 @@ from zarr_orch import constants as cst
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
-from zarr_orch.errors import ConfigurationError, ProductError, StorageError, TaskFailedError
+from zarr_orch.errors import (
+    ConfigurationError,
+    ProductError,
+    StorageError,
+    TaskFailedError,
+    TileError,
+)
 from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
 from zarr_orch.registry.ids import IdGenerator
+from zarr_orch.registry.merge_order import MergeOrder
 from zarr_orch.registry.plan import (
     build_plans,
     intermediate_plan,
@@ -52,6 +59,7 @@ from zarr_orch.storage.product import (
 )
 from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
+from zarr_orch.storage.window_writer import read_merged
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +187,7 @@ class Orchestrator:
             self._runlog = RunLog(self.out_location, self.run_id)
             self._runlog.header(self.run_id, self.get_conf())
         self._records = RecordWriter()
+        self._merge_order = MergeOrder()
         self._lease: Lease | None = None
         try:
             if launch_worker:
@@ -306,9 +315,11 @@ class Orchestrator:
         key = info.get(cst.CARS_DS_KEY)
         product = self._saved_tags.get(key, {}).get(tag)
         window = attrs.get(cst.WINDOW)
-        if product is None or window is None:
+        if product is None or (window is None and not self._products[product].plan.windowed):
             return None, None
         state = self._products[product]
+        if state.plan.windowed:  # CARS: the window as on disk once any tile was merged
+            return read_merged(state.plan, bool(state.done), tag, future_object)
         tile = (info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
         if tile not in state.done:
             return None, None
@@ -336,12 +347,14 @@ class Orchestrator:
             None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
         )
         tasks, sinks, local, to_serve = [], [], [], []
+        self._merge_order = MergeOrder()
         resumed = 0
         for item in tracked:
             keep = item.key in self.registries.replace_keys or item.cars_ds.final_function
             key_plans = tuple(plans.get(item.key, ()))
             worker_plans = () if item.cars_ds.final_function else key_plans
             done = self._done_for(key_plans)
+            windowed = any(p.windowed for p in key_plans)
             for row, line in enumerate(item.cars_ds.tiles):
                 for col, obj in enumerate(line):
                     if obj is None:
@@ -351,7 +364,8 @@ class Orchestrator:
                         continue
                     if is_delayed and (row, col) in done:
                         resumed += 1
-                        if item.key in self.registries.replace_keys:
+                        # a windowed tile was merged into its neighbours: nothing to serve
+                        if item.key in self.registries.replace_keys and not windowed:
                             to_serve.append((item, key_plans, row, col, obj))
                         continue
                     sink = TileSink(
@@ -366,6 +380,8 @@ class Orchestrator:
                     if is_delayed:
                         tasks.append(self.cluster.attach_sink(obj, sink))
                         sinks.append(sink)
+                        if windowed:
+                            self._merge_order.expect(item.key, row, col)
                     elif item.key in self.registries.save_entries and is_concrete_tile(obj):
                         local.append((sink, obj))
         names = "+".join(dict.fromkeys(item.name for item in tracked)) or "nothing"
@@ -458,13 +474,34 @@ class Orchestrator:
             if outcome.attempts > 1:
                 summary.retried += 1
                 self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
+            # windowed datasets merge in tile order: an early tile waits for the ones before
+            for ready_sink, ready_outcome in self._merge_order.ready(sink, outcome):
+                self._settle(ready_sink, ready_outcome, plans, summary, failures)
+
+    def _settle(
+        self,
+        sink: TileSink,
+        outcome: Outcome,
+        plans: dict[int, list[ProductPlan]],
+        summary: StageSummary,
+        failures: list[tuple[TileSink, TaskError]],
+    ) -> None:
+        """Book one outcome (merging it first for windowed datasets), or its failure."""
+        broken = self._merge_order.broken_by(sink.key)
+        if broken is not None:
+            error = TileError(f"not merged: {broken} failed before it; a rerun merges it in order")
+            failures.append((sink, TaskError.from_exception(error)))
+            receipt = None
+        else:
             receipt = self._receive(outcome, sink, plans, failures)
-            if receipt is None:
-                summary.failed += 1
-                summary.failures.append(sink.what)
-                self._emit("on_tile_failed", sink.name, sink.row, sink.col, str(failures[-1][1]))
-                continue
-            self._done_tile(sink, receipt, summary)
+        if receipt is None:
+            if broken is None:
+                self._merge_order.break_chain(sink.key, sink.what)
+            summary.failed += 1
+            summary.failures.append(sink.what)
+            self._emit("on_tile_failed", sink.name, sink.row, sink.col, str(failures[-1][1]))
+            return
+        self._done_tile(sink, receipt, summary)
 
     def _book_if_done(self, outcome: Outcome) -> None:
         """Book a tile that finished while we were being interrupted (it is on disk)."""

@@ -70,6 +70,9 @@ class ProductPlan:
     checksum: bool = True
     describe_tiles: bool = False
     records: str = field(default="")
+    #: tiles carry their own windows and are merged by the main process
+    #: (`window_writer`); `chunks` is then nominal, the arrays' own grid decides
+    windowed: bool = False
 
     def __post_init__(self) -> None:
         if not self.records:
@@ -263,6 +266,10 @@ def prepare_product(
 
         create_tile_descriptions(group, plan)
     forget_handles(plan.location)
+    if plan.windowed:
+        from zarr_orch.storage.window_writer import recover
+
+        recover(plan)  # a merge a crash left half-applied is undone before reading records
     return rec.done_tiles(store, plan.records)
 
 
@@ -297,7 +304,7 @@ def _array_problems(group: zarr.Group, plan: ProductPlan) -> list[str]:
         if tag.name not in names:
             continue
         array = group[tag.name]
-        if tuple(array.chunks[-2:]) != tuple(plan.chunks):
+        if not plan.windowed and tuple(array.chunks[-2:]) != tuple(plan.chunks):
             problems.append(
                 f"{tag.name}: chunks {tuple(array.chunks[-2:])} != tile size {plan.chunks}"
             )
@@ -347,6 +354,16 @@ def _ensure_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], tile:
         return array
 
     return _cached("array", plan.location, tag.name, opener)
+
+
+def open_tag_array(plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], tile: Any) -> Any:
+    """The tag's array (cached per process), created with `plan.chunks` by the first tile."""
+    return _ensure_array(plan, tag, shape, tile)
+
+
+def open_read_array(location: Location, tag: str) -> Any:
+    """A read handle on the tag's array (cached per process); KeyError when it is absent."""
+    return _cached("read", location, tag, lambda: open_group(location, "r")[tag])
 
 
 def compressors_for(codec: str, checksum: bool = False) -> Any:
@@ -499,7 +516,12 @@ def array_shape(plan: ProductPlan, tile: Any) -> tuple[int, int]:
 
 
 def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: str):
-    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk."""
+    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk.
+
+    A single-tile dataset may leave the window None: its tile is the whole raster (CARS).
+    """
+    if window is None and tuple(plan.grid_shape) == (1, 1):
+        window = {cst.ROW_MIN: 0, cst.ROW_MAX: shape[0], cst.COL_MIN: 0, cst.COL_MAX: shape[1]}
     try:
         r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
         c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
@@ -518,7 +540,9 @@ def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: s
     if r0 % ch or c0 % cw or r1 != min(r0 + ch, height) or c1 != min(c0 + cw, width):
         raise TileError(
             f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is not exactly one {ch}x{cw} "
-            "chunk of the product; tiles must follow the dataset's tiling grid"
+            "chunk of the product; tiles must follow the dataset's tiling grid (tiles that carry "
+            "their own, possibly overlapping, windows need the dataset's final_function to say "
+            "how they merge: set cars_ds.final_function)"
         )
     return r0 // ch, c0 // cw, (r0, r1, c0, c1)
 
@@ -614,7 +638,7 @@ def store_handle(location: Location) -> Any:
 
 def read_window(location: Location, tag: str, window: dict) -> np.ndarray:
     """The stored values of `tag` at a core window (all bands for 3-D tags)."""
-    array = _cached("read", location, tag, lambda: open_group(location, "r")[tag])
+    array = open_read_array(location, tag)
     r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
     c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
     if array.ndim == 2:

@@ -1,0 +1,101 @@
+"""Undo journal of windowed merges: a merge killed half-way is rolled back at start-up.
+
+A windowed tile (`window_writer`) read-modify-writes the chunks its window spans and its
+completion record block. Merging is not idempotent (a tile merged twice counts twice), so
+before changing anything the single writer stores the previous bytes of every key it is
+about to change, then a manifest naming them (``_zarr_orch/journal/merge.json``, one
+atomic write: its presence means "a merge may be half-applied"). It then writes the chunks,
+then the tile's record, then deletes the manifest (the commit) and the undo copies. At
+start-up `recover` puts every journaled key back as it was (absent keys are deleted) and
+removes the manifest, so the product is exactly as after the previous committed tile, and
+that tile is recomputed. Restoring is idempotent: a recovery killed itself is redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from zarr_orch.errors import StorageError
+from zarr_orch.storage.zarr_io import (
+    delete_key,
+    get_bytes,
+    get_many,
+    list_keys,
+    local_root,
+    set_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_PREFIX = "_zarr_orch/journal/"
+MANIFEST = JOURNAL_PREFIX + "merge.json"
+
+
+def _undo_key(index: int) -> str:
+    return f"{JOURNAL_PREFIX}{index}.undo"
+
+
+@dataclass
+class MergeJournal:
+    """The journal of one product's store (the product's single writer owns it)."""
+
+    store: Any
+
+    def begin(self, tile: tuple[int, int], keys: list[str]) -> None:
+        """Save the current bytes of `keys` (the merge's future changes), then the manifest."""
+        previous = get_many(self.store, keys)
+        entries: dict[str, str | None] = {}
+        for index, (key, value) in enumerate(zip(keys, previous, strict=True)):
+            if value is None:
+                entries[key] = None
+            else:
+                set_bytes(self.store, _undo_key(index), value)
+                entries[key] = _undo_key(index)
+        manifest = {"tile": list(tile), "keys": entries}
+        set_bytes(self.store, MANIFEST, json.dumps(manifest, sort_keys=True).encode())
+
+    def commit(self) -> None:
+        """The merge is fully applied: drop the manifest first, then the undo copies."""
+        delete_key(self.store, MANIFEST)
+        for key in list_keys(self.store, JOURNAL_PREFIX):
+            delete_key(self.store, key)
+        root = local_root(self.store)
+        if root is not None:  # no empty journal directory for zarr listings to trip on
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(root, JOURNAL_PREFIX))
+
+    def recover(self) -> tuple[int, int] | None:
+        """Roll back a merge left unfinished by a crash; returns its tile (None if none)."""
+        raw = get_bytes(self.store, MANIFEST)
+        if raw is None:
+            if list_keys(self.store, JOURNAL_PREFIX):  # undo copies of a merge never begun
+                self.commit()
+            return None
+        manifest = json.loads(raw)
+        for key, undo in manifest["keys"].items():
+            if undo is None:
+                delete_key(self.store, key)
+                continue
+            value = get_bytes(self.store, undo)
+            if value is None:  # undo copies are written before the manifest: tampering
+                raise StorageError(
+                    f"the merge journal of this product names {undo} (previous bytes of "
+                    f"{key}) but it is missing: the product cannot be rolled back; rerun with "
+                    "resume: false to rebuild it"
+                )
+            set_bytes(self.store, key, value)
+        tile = (int(manifest["tile"][0]), int(manifest["tile"][1]))
+        self.commit()
+        logger.warning(
+            "rolled back the unfinished merge of tile (%d, %d): %d key(s) restored; the tile "
+            "is merged again",
+            tile[0],
+            tile[1],
+            len(manifest["keys"]),
+        )
+        return tile
