@@ -367,7 +367,9 @@ def test_get_data_in_final_function_read_modify_write(conf, out_dir):
             results.append(
                 [cds[r, c].attrs["attributes"]["had_old"] for r in range(2) for c in range(2)]
             )
-    assert results == [[False] * 4, [True] * 4, [True] * 4]
+    # as CARS's saver: get_data reads the window from disk once any tile of the product
+    # was merged (unwritten pixels read as nodata), so only the very first tile gets None
+    assert results == [[False, True, True, True], [True] * 4, [True] * 4]
     np.testing.assert_array_equal(read(out_dir, "acc.zarr", "count"), np.full((H, W), 7.0))
 
 

@@ -46,7 +46,8 @@ class MergeOrder:
 
     def break_chain(self, key: int, what: str) -> None:
         """`what` (a tile of dataset `key`) failed: the tiles after it are not merged."""
-        self._broken.setdefault(key, what)
+        if key in self._order:  # datasets that are not ordered keep their other tiles
+            self._broken.setdefault(key, what)
 
     def broken_by(self, key: int) -> str | None:
         """The failed tile that stopped dataset `key`'s merges (None while none failed)."""
