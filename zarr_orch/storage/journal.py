@@ -23,11 +23,13 @@ from typing import Any
 from zarr_orch.errors import StorageError
 from zarr_orch.storage.zarr_io import (
     delete_key,
+    delete_many,
     get_bytes,
     get_many,
     list_keys,
     local_root,
     set_bytes,
+    set_many,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,20 +52,19 @@ class MergeJournal:
         """Save the current bytes of `keys` (the merge's future changes), then the manifest."""
         previous = get_many(self.store, keys)
         entries: dict[str, str | None] = {}
+        copies: dict[str, bytes] = {}
         for index, (key, value) in enumerate(zip(keys, previous, strict=True)):
-            if value is None:
-                entries[key] = None
-            else:
-                set_bytes(self.store, _undo_key(index), value)
-                entries[key] = _undo_key(index)
+            entries[key] = None if value is None else _undo_key(index)
+            if value is not None:
+                copies[_undo_key(index)] = value
+        set_many(self.store, copies)  # every copy is stored before the manifest names it
         manifest = {"tile": list(tile), "keys": entries}
         set_bytes(self.store, MANIFEST, json.dumps(manifest, sort_keys=True).encode())
 
     def commit(self) -> None:
         """The merge is fully applied: drop the manifest first, then the undo copies."""
         delete_key(self.store, MANIFEST)
-        for key in list_keys(self.store, JOURNAL_PREFIX):
-            delete_key(self.store, key)
+        delete_many(self.store, list_keys(self.store, JOURNAL_PREFIX))
         root = local_root(self.store)
         if root is not None:  # no empty journal directory for zarr listings to trip on
             with contextlib.suppress(OSError):
@@ -76,7 +77,11 @@ class MergeJournal:
             if list_keys(self.store, JOURNAL_PREFIX):  # undo copies of a merge never begun
                 self.commit()
             return None
-        manifest = json.loads(raw)
+        try:
+            manifest = json.loads(raw)
+        except ValueError:  # torn while being written: the merge had not changed anything
+            self.commit()
+            return None
         for key, undo in manifest["keys"].items():
             if undo is None:
                 delete_key(self.store, key)

@@ -34,6 +34,31 @@ def set_bytes(store: Any, key: str, data: bytes) -> None:
     sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
+def set_many(store: Any, items: dict[str, bytes]) -> None:
+    """Store several raw values at once (concurrently: one round trip on object stores)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    if not items:
+        return
+    buffer = default_buffer_prototype().buffer
+
+    async def put_all() -> None:
+        await asyncio.gather(*(store.set(k, buffer.from_bytes(v)) for k, v in items.items()))
+
+    sync(put_all())
+
+
+def delete_many(store: Any, keys: list[str]) -> None:
+    """Delete several keys at once (missing ones are fine)."""
+    if not keys:
+        return
+
+    async def delete_all() -> None:
+        await asyncio.gather(*(store.delete(k) for k in keys))
+
+    sync(delete_all())
+
+
 def get_bytes(store: Any, key: str) -> bytes | None:
     """The raw bytes stored at `key`, or None."""
     from zarr.core.buffer import default_buffer_prototype
