@@ -83,7 +83,7 @@ def test_overlapping_windows_merge_like_cars_in_every_mode(out_dir, mode):
     conf = {"mode": mode, "progress": False, "max_retries": 0}
     with Orchestrator(conf, out_dir=out_dir) as orch:
         windowed_dataset(orch, tiles)
-        assert orch.breakpoint()
+        orch.breakpoint()
     assert_equal_arrays(product_arrays(out_dir / "merged.zarr"), reference(tiles).arrays)
     group = zarr.open_group(str(out_dir / "merged.zarr"), mode="r")
     assert group["val"].chunks == (32, 32)  # the profile's block size
@@ -211,7 +211,9 @@ def test_resume_skips_merged_tiles_and_merges_the_rest_once(out_dir, seq_conf):
     first = product_arrays(out_dir / "merged.zarr")
     with Orchestrator(seq_conf, out_dir=out_dir) as orch:
         windowed_dataset(orch, 8)
-        assert not orch.breakpoint()  # every tile is merged: nothing computed again
+        orch.breakpoint()
+    stats = json.loads((out_dir / "metadata.json").read_text())["zarr_orch"]["stats"]
+    assert (stats["tiles"], stats["resumed"]) == (0, 8)  # every tile merged: none again
     assert_equal_arrays(product_arrays(out_dir / "merged.zarr"), first)
 
 

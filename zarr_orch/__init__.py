@@ -30,8 +30,10 @@ _EXPORTS = {
     "TileError": "zarr_orch.errors",
     "ZarrOrchError": "zarr_orch.errors",
     "Orchestrator": "zarr_orch.orchestrator",
-    "flatten_object": "zarr_orch.orchestrator",
-    "update_saving_infos": "zarr_orch.orchestrator",
+    "flatten_object": "zarr_orch.cars_compat",
+    "get_disparity_range_cropped": "zarr_orch.cars_compat",
+    "merge_dicts": "zarr_orch.cars_compat",
+    "update_saving_infos": "zarr_orch.cars_compat",
     "Callback": "zarr_orch.progress",
     "open_product": "zarr_orch.reading",
     "read_dicts": "zarr_orch.storage.points",
@@ -42,6 +44,8 @@ _EXPORTS = {
     "RunInfo": "zarr_orch.status",
     "ProductSummary": "zarr_orch.status",
     "quicklook": "zarr_orch.quicklook",
+    "write_geotiff": "zarr_orch.storage.geotiff",
+    "GeoTiffReport": "zarr_orch.storage.geotiff",
     "MissingDependencyError": "zarr_orch.quicklook",
 }
 

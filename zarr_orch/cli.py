@@ -2,7 +2,8 @@
 
 Commands: ``demo`` (run the demo pipeline), ``status OUT`` (each product's done/total tiles;
 a product's tile map), ``info PRODUCT`` (arrays, shapes, dtypes, chunks, fill values,
-metadata) and ``quicklook PRODUCT -o out.png`` (a PNG with the tile status overlaid).
+metadata), ``quicklook PRODUCT -o out.png`` (a PNG with the tile status overlaid) and
+``export PRODUCT OUT.tif`` (a Cloud-Optimized GeoTIFF of one tag).
 Errors are one clear line on stderr and a non-zero exit code; ``--debug`` shows tracebacks.
 """
 
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
     _add_verify_parser(sub, debug)
+    _add_export_parser(sub, debug)
 
     info = sub.add_parser(
         "info",
@@ -337,6 +339,63 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return VERIFY_OK if report.ok else VERIFY_PROBLEMS
 
 
+def _add_export_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
+    export = sub.add_parser(
+        "export",
+        parents=[debug],
+        help="write one tag of a product to a Cloud-Optimized GeoTIFF",
+        description="Write one tag of a raster product to a GeoTIFF (Cloud-Optimized by "
+        "default: tiled, compressed, with overviews), tile by tile with bounded memory. "
+        "Tiles not recorded as done are written as nodata and counted.",
+    )
+    export.add_argument("product", metavar="PRODUCT", help="product path or URL (a .zarr group)")
+    export.add_argument("output", metavar="OUT.tif", help="GeoTIFF path or URL to write")
+    export.add_argument("--tag", default=None, help="tag to export (needed if several)")
+    export.add_argument(
+        "--no-cog", action="store_true", help="plain tiled GeoTIFF instead of a COG"
+    )
+    export.add_argument("--compress", default="deflate", help="compression (default: deflate)")
+    export.add_argument("--blocksize", type=int, default=512, help="tile size (default: 512)")
+    export.add_argument(
+        "--overviews",
+        default="auto",
+        help="'auto' (default), 'none' or factors such as 2,4,8",
+    )
+    export.add_argument(
+        "--resampling", default="nearest", help="overview resampling (default: nearest)"
+    )
+    export.add_argument("--nbits", type=int, default=None, help="GDAL NBITS (bits per sample)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from zarr_orch.storage.geotiff import write_geotiff
+
+    overviews: Any = args.overviews
+    if overviews not in ("auto", "none"):
+        try:
+            overviews = [int(v) for v in overviews.split(",")]
+        except ValueError:
+            raise _CliError(
+                f"--overviews must be auto, none or factors like 2,4,8; got {args.overviews!r}"
+            ) from None
+    report = write_geotiff(
+        args.product,
+        args.tag,
+        args.output,
+        cog=not args.no_cog,
+        compress=args.compress,
+        blocksize=args.blocksize,
+        overviews=overviews,
+        resampling=args.resampling,
+        nbits=args.nbits,
+    )
+    bands, height, width = report.shape
+    print(f"wrote {report.dest}: {bands} band(s) of {height}x{width} in {report.seconds:.1f} s")
+    if report.missing_tiles:
+        print(f"{report.missing_tiles} tile(s) not recorded as done were written as nodata")
+    return 0
+
+
 class _CliError(Exception):
     """A command-line usage problem found after parsing (one line, exit code 1)."""
 
@@ -347,6 +406,7 @@ COMMANDS = {
     "info": _cmd_info,
     "quicklook": _cmd_quicklook,
     "verify": _cmd_verify,
+    "export": _cmd_export,
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -20,10 +19,16 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
-
 from zarr_orch import __version__
 from zarr_orch import constants as cst
+from zarr_orch.cars_compat import (
+    CarsApiMixin,
+    flatten_object,
+    get_disparity_range_cropped,
+    merge_dicts,
+    resolve_init_args,
+    update_saving_infos,
+)
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
@@ -34,7 +39,9 @@ from zarr_orch.errors import (
     TaskFailedError,
     TileError,
 )
+from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
 from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
+from zarr_orch.metadata_files import dump_document, format_for
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
@@ -64,61 +71,6 @@ from zarr_orch.storage.window_writer import read_merged
 logger = logging.getLogger(__name__)
 
 
-class NumpyJSONEncoder(json.JSONEncoder):
-    """JSON encoder for metadata: numpy scalars and arrays, tuples, sets, paths."""
-
-    def default(self, o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, set | frozenset):
-            return sorted(o, key=repr)
-        if isinstance(o, os.PathLike):
-            return os.fspath(o)
-        if hasattr(o, "to_wkt"):
-            return o.to_wkt()
-        return super().default(o)
-
-
-def merge_dicts(left: dict, right: dict) -> dict:
-    """Deep-merge `right` into a copy of `left`: nested dicts merge, other values overwrite."""
-    result = dict(left)
-    for key, value in right.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merge_dicts(result[key], value)
-        else:
-            result[key] = copy.deepcopy(value)
-    return result
-
-
-def flatten_object(cars_ds_list: list[Any], delayed_type: Any) -> list[Any]:
-    """Flatten list of CarsDatasets to list of delayed (each dataset once, row-major order)."""
-    seen: set[int] = set()
-    result = []
-    for cars_ds in cars_ds_list:
-        if cars_ds is None or id(cars_ds) in seen:
-            continue
-        seen.add(id(cars_ds))
-        for row in cars_ds.tiles or []:
-            for obj in row:
-                if obj is not None and isinstance(obj, delayed_type):
-                    result.append(obj)
-    return result
-
-
-def update_saving_infos(
-    saving_info_left: dict[str, Any], row: int | None = None, col: int | None = None
-) -> dict[str, Any]:
-    """Update saving infos dict with row and col arguments (returns a copy)."""
-    full = dict(saving_info_left)
-    if row is not None:
-        full[cst.CARS_DS_ROW] = int(row)
-    if col is not None:
-        full[cst.CARS_DS_COL] = int(col)
-    return full
-
-
 class _ProductState:
     """What the main process knows of one product: where it is and which tiles are done."""
 
@@ -130,16 +82,33 @@ class _ProductState:
         self.done = done
 
 
-class Orchestrator:
-    """Orchestrator: registers CarsDatasets and computes them at breakpoints into Zarr."""
+__all__ = [
+    "Orchestrator",
+    "flatten_object",
+    "get_disparity_range_cropped",
+    "merge_dicts",
+    "update_saving_infos",
+]
+
+
+class Orchestrator(CarsApiMixin):
+    """Orchestrator: registers CarsDatasets and computes them at breakpoints into Zarr.
+
+    Both constructor conventions work: the seed API's ``(orchestrator_conf, out_dir,
+    launch_worker, out_json_path)`` and CARS 1.3's ``(orchestrator_conf, out_dir, log_dir,
+    launch_worker, out_yaml_path)``; a bool third argument is launch_worker, a path or None
+    is log_dir (`zarr_orch.cars_compat.resolve_init_args`).
+    """
 
     def __init__(
         self,
         orchestrator_conf: dict[str, Any] | None = None,
         out_dir: str | os.PathLike[str] | None = None,
-        launch_worker: bool = True,
-        out_json_path: str | os.PathLike[str] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
+        init = resolve_init_args(args, kwargs)
+        launch_worker, out_json_path = init.launch_worker, init.metadata_path
         cluster_cls, self._conf = validate_conf(orchestrator_conf)
         self._storage_options = self._conf["storage_options"]
         self.tmp_dir_list: list[Any] = []
@@ -157,9 +126,11 @@ class Orchestrator:
         else:
             self.out_json_location = Location.parse(out_json_path, base=self.out_location)
         self.out_json_path = self.out_json_location.url
+        self._geotiffs = GeoTiffOutputs(self.out_location, self._conf["geotiff_outputs"])
         self.launch_worker = launch_worker
         self.run_id = uuid.uuid4().hex[:12]
         self.out_json: dict[str, Any] = {}
+        self.init_cars_api(init.log_dir)
         self._started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.id_generator = IdGenerator()
         self.registries = Registries()
@@ -179,6 +150,7 @@ class Orchestrator:
             "seconds": 0.0,
         }
         self._closed = False
+        self._cropped = False
         self.callbacks: list[Callback] = default_callbacks(self._conf["progress"])
         self._guard: InterruptGuard | None = None
         self._interrupted = False
@@ -231,9 +203,22 @@ class Orchestrator:
         nodata: Any = 0,
         cars_ds_name: str | None = None,
         optional_data: bool = False,
-        save_points_cloud_by_pair: bool = False,
+        save_by_pair: bool = False,
+        rio_tags: Any = None,
+        rio_band_description: Any = None,
+        nbits: int | None = None,
+        *,
+        save_points_cloud_by_pair: bool | None = None,
     ) -> None:
-        """Save `tag` of every tile of `cars_ds` into the Zarr product `file_name`."""
+        """Save `tag` of every tile of `cars_ds` into the Zarr product of `file_name`.
+
+        A ``.tif``/``.tiff`` name also gets its GeoTIFF after the breakpoint, with CARS's
+        `rio_band_description`, `rio_tags` and `nbits` (`zarr_orch.geotiff_outputs`).
+        `save_points_cloud_by_pair` is the seed API's name of `save_by_pair`.
+        """
+        if save_points_cloud_by_pair is not None:
+            save_by_pair = save_points_cloud_by_pair
+        options = GeoTiffOptions.from_cars(rio_band_description, rio_tags, nbits)
         if isinstance(file_name, str | os.PathLike) and os.fspath(file_name).strip():
             # a name climbing out of out_dir fails here, at the call that gave it
             product_location(os.fspath(file_name), self.out_location)
@@ -247,8 +232,9 @@ class Orchestrator:
             dtype,
             nodata,
             optional_data,
-            save_points_cloud_by_pair,
+            save_by_pair,
         )
+        self._geotiffs.register(key, file_name, tag, options)
 
     def add_to_replace_lists(self, cars_ds: Any, cars_ds_name: str | None = None) -> None:
         """Bring computed tiles back into `cars_ds` at the breakpoint."""
@@ -267,13 +253,13 @@ class Orchestrator:
         """Deep-merge `new_dict` into the run's metadata (written to out_json_path)."""
         if not isinstance(new_dict, dict):
             raise ConfigurationError(f"update_out_info needs a dict, got {type(new_dict).__name__}")
-        self.out_json = merge_dicts(self.out_json, new_dict)
+        merge_dicts(self.out_json, copy.deepcopy(new_dict))
 
     def save_out_json(self) -> None:
-        """Write the run's metadata JSON (user info + products + run summary)."""
-        content = merge_dicts(self.out_json, {"zarr_orch": self._run_info()})
-        text = json.dumps(content, indent=2, cls=NumpyJSONEncoder, sort_keys=False)
-        self.out_json_location.write_text(text + "\n")
+        """Write the run's metadata (user info + products + run summary); .yaml/.yml: YAML."""
+        content = {**self.out_json, "zarr_orch": self._run_info()}
+        fmt = format_for(self.out_json_location.name)
+        self.out_json_location.write_text(dump_document(content, fmt))
 
     def _run_info(self) -> dict[str, Any]:
         return {
@@ -333,13 +319,15 @@ class Orchestrator:
         Tiles already recorded as done in their products (an earlier run, when `resume` is
         on) are not submitted; replaced ones are rebuilt from the store once the breakpoint's
         own tiles are written (their overlaps may come from them), and only recomputed when
-        that cannot be exact. Returns True when any tile was computed. `only_remaining_delayed`
-        restricts the run to those delayed objects (CARS's second pass).
+        that cannot be exact. Registered GeoTIFF names are written last. Returns what CARS
+        returns: whether any tile says its disparity range was cropped.
+        `only_remaining_delayed` restricts the run to those delayed objects (CARS's second pass).
         """
         if not self.launch_worker:
             logger.info("launch_worker is false: nothing is computed")
             return False
         start = time.perf_counter()
+        self._cropped = False
         tracked = self.registries.ordered()
         plans = self._prepare_products(tracked)
         delayed_type = self.cluster.get_delayed_type()
@@ -439,7 +427,20 @@ class Orchestrator:
                 f"be stored (first: tile ({row}, {col}) of {url}: {exc}); their data is on "
                 "disk, and rerunning recomputes exactly those tiles"
             )
-        return summary.done > 0
+        self._geotiffs.export(
+            [
+                (key, self._products[(plan.location.url, plan.records)].file_name, plan)
+                for key, key_plans in plans.items()
+                if key in self.registries.save_entries
+                for plan in key_plans
+            ]
+        )
+        if self._cropped:
+            logger.warning(
+                "Disparity range was cropped in DenseMatching, due to a lack of available "
+                "memory for estimated disparity range"
+            )
+        return self._cropped
 
     def _flush_records(self) -> list[tuple[str, int, int, BaseException]]:
         """Wait for the background record writes; un-book the tiles whose record failed."""
@@ -466,7 +467,7 @@ class Orchestrator:
         sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
         tasks.clear()
         timeout = self._conf["task_timeout"]
-        for outcome in self.cluster.future_iterator(futures, timeout=timeout):
+        for outcome in self.cluster.outcome_iterator(futures, timeout=timeout):
             sink = sink_of.pop(id(outcome.future))
             if self._guard is not None and self._guard.triggered:
                 self._book_if_done(outcome)
@@ -720,7 +721,8 @@ class Orchestrator:
         return receipt
 
     def _book(self, receipt: Receipt) -> int:
-        """Bookkeeping of one finished tile: done sets, replaced cell."""
+        """Bookkeeping of one finished tile: done sets, replaced cell, cropped flag."""
+        self._cropped = self._cropped or receipt.cropped
         for product, write in receipt.writes.items():
             state = self._products[product]
             if write.record is not None:
@@ -761,6 +763,7 @@ class Orchestrator:
     def reset_registries(self) -> None:
         """Forget every registration (ids stay unique for the orchestrator's lifetime)."""
         self.registries = Registries()
+        self._geotiffs.clear()
 
     def reset_cluster(self) -> None:
         """Stop the cluster and start a fresh one with the same conf."""
@@ -770,6 +773,7 @@ class Orchestrator:
     def _save_metadata_quietly(self) -> None:
         try:
             self.save_out_json()
+            self.save_index()
         except Exception as exc:  # never hide the real outcome of a run behind metadata I/O
             logger.error("could not write %s: %s", self.out_json_location, exc)
 

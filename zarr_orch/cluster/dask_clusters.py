@@ -180,7 +180,7 @@ class DaskClusterBase(AbstractCluster):
             self.client.cancel(futures)
 
     # -- results ------------------------------------------------------------------------------
-    def future_iterator(
+    def outcome_iterator(
         self, future_list: list[Any], timeout: float | None = None
     ) -> Iterator[Outcome]:
         """Yield one Outcome per future as it completes, releasing each one once consumed.

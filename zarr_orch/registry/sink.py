@@ -20,6 +20,9 @@ from zarr_orch.storage.writers import write_tile
 
 logger = logging.getLogger(__name__)
 
+#: attribute CARS tasks set when dense matching had to crop the disparity range
+CROPPED_DISPARITY_RANGE = "cropped_disparity_range"
+
 
 @dataclass
 class Receipt:
@@ -33,6 +36,8 @@ class Receipt:
     pid: int = 0
     tile: Any = None
     empty: bool = False
+    #: the tile says dense matching cropped its disparity range (CARS's breakpoint result)
+    cropped: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +69,8 @@ class TileSink:
             receipt.empty = True
             return receipt
         self.check_routing(tile)
+        inner = tile.attrs.get(cst.ATTRIBUTES)
+        receipt.cropped = isinstance(inner, dict) and bool(inner.get(CROPPED_DISPARITY_RANGE))
         for plan in self.plans:
             receipt.writes[(plan.location.url, plan.records)] = write_tile(
                 plan, tile, self.row, self.col, self.what

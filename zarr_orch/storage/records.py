@@ -264,3 +264,8 @@ class RecordWriter:
         if thread is not None:
             thread.join()
         self.flush()
+
+
+def records_tags(store: Any, name: str) -> tuple[str, ...]:
+    """The tags the records array `name` covers (FileNotFoundError when it does not exist)."""
+    return tuple(open_records(store, name).attrs.get("tags") or ())
