@@ -29,6 +29,7 @@ import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
 from zarr_orch.data.tiling import generate_tiling_grid
 from zarr_orch.storage.journal import MANIFEST, MergeJournal
+from zarr_orch.storage.verify import verify_product
 from zarr_orch.storage.zarr_io import get_bytes, list_keys, set_bytes
 
 
@@ -231,3 +232,23 @@ def test_journal_rolls_back_a_half_applied_merge(tmp_path):
     assert get_bytes(store, "a/c/0/1") is None
     assert list_keys(store, "_zarr_orch/journal/") == []
     assert MergeJournal(store).recover() is None  # nothing left to undo
+
+
+def test_verify_checks_every_chunk_and_reports_a_pending_merge(out_dir, seq_conf):
+    with Orchestrator(seq_conf, out_dir=out_dir) as orch:
+        windowed_dataset(orch, 5)
+        orch.breakpoint()
+    product = out_dir / "merged.zarr"
+    report = verify_product(str(product))
+    assert report.ok and report.checked == 5
+    chunk = product / "val" / "c" / "1" / "1"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    set_bytes(zarr.storage.LocalStore(str(product)), MANIFEST, b'{"tile": [0, 4], "keys": {}}')
+    report = verify_product(str(product), repair=True)
+    problems = sorted(bad.problem for bad in report.bad)
+    assert len(problems) == 2 and not report.repaired  # a merged pixel is not one tile's
+    assert problems[0].startswith("undecodable: val/c/1/1 (")
+    assert "rebuild the product with resume: false" in problems[0]
+    assert problems[1].startswith("unfinished merge: the merge journal holds a merge a killed")
