@@ -94,6 +94,20 @@ def test_zarr_orch_products_equal_cars_rasters(outputs):
                 np.testing.assert_array_equal(got, cars_mp[name], err_msg=f"{name} ({mode})")
 
 
+def test_registered_geotiffs_equal_cars_ones(outputs):
+    """The GeoTIFFs at the registered names (built from the windowed products) match too."""
+    _, outs = outputs
+    cars_out = outs[("cars", "sequential")]
+    for mode in ("sequential", "multiprocessing"):
+        ours_out = outs[("zarr_orch", mode)]
+        for path in sorted(cars_out.rglob("*.tif")):
+            ours = ours_out / path.relative_to(cars_out)
+            with rasterio.open(path) as want, rasterio.open(ours) as got:
+                assert (got.dtypes, got.nodata, got.count) == (want.dtypes, want.nodata, want.count)
+                assert (got.crs, got.transform) == (want.crs, want.transform), ours
+                np.testing.assert_array_equal(got.read(), want.read(), err_msg=str(ours))
+
+
 def test_cars_multiprocessing_differs_only_by_merge_order(outputs):
     """CARS merges tiles as they arrive: its multiprocessing rasters may differ from its
     sequential ones by float rounding of the weighted means, never by more."""
