@@ -95,13 +95,13 @@ def test_overlapping_windows_merge_like_cars_in_every_mode(out_dir, mode):
     assert meta["products"]["merged.tif"]["tiles_done"] == tiles
 
 
-def test_chunk_grid_defaults_to_512_without_a_block_size(out_dir, seq_conf):
+def test_chunk_grid_defaults_to_256_without_a_block_size(out_dir, seq_conf):
     prof = {k: v for k, v in profile(600, 700).items() if not k.startswith("block")}
     with Orchestrator(seq_conf, out_dir=out_dir) as orch:
         windowed_dataset(orch, 3, prof=prof)
         orch.breakpoint()
     group = zarr.open_group(str(out_dir / "merged.zarr"), mode="r")
-    assert group["val"].shape == (600, 700) and group["val"].chunks == (512, 512)
+    assert group["val"].shape == (600, 700) and group["val"].chunks == (256, 256)
 
 
 def test_get_data_reads_the_whole_window_across_chunks_and_tiles_of_this_breakpoint(

@@ -28,7 +28,6 @@ from zarr_orch.storage.zarr_io import (
     get_many,
     list_keys,
     local_root,
-    set_bytes,
     set_many,
 )
 
@@ -48,8 +47,14 @@ class MergeJournal:
 
     store: Any
 
-    def begin(self, tile: tuple[int, int], keys: list[str]) -> None:
-        """Save the current bytes of `keys` (the merge's future changes), then the manifest."""
+    def __post_init__(self) -> None:
+        self._undo: list[str] = []
+
+    def begin(self, tile: tuple[int, int], keys: list[str]) -> list[bytes | None]:
+        """Save the current bytes of `keys` (the merge's future changes), then the manifest.
+
+        Returns those bytes (None for absent keys), so the caller need not read them again.
+        """
         previous = get_many(self.store, keys)
         entries: dict[str, str | None] = {}
         copies: dict[str, bytes] = {}
@@ -59,12 +64,15 @@ class MergeJournal:
                 copies[_undo_key(index)] = value
         set_many(self.store, copies)  # every copy is stored before the manifest names it
         manifest = {"tile": list(tile), "keys": entries}
-        set_bytes(self.store, MANIFEST, json.dumps(manifest, sort_keys=True).encode())
+        set_many(self.store, {MANIFEST: json.dumps(manifest, sort_keys=True).encode()})
+        self._undo = list(copies)
+        return previous
 
-    def commit(self) -> None:
+    def commit(self, undo: list[str] | None = None) -> None:
         """The merge is fully applied: drop the manifest first, then the undo copies."""
-        delete_key(self.store, MANIFEST)
-        delete_many(self.store, list_keys(self.store, JOURNAL_PREFIX))
+        delete_many(self.store, [MANIFEST])
+        delete_many(self.store, self._undo if undo is None else undo)
+        self._undo = []
         root = local_root(self.store)
         if root is not None:  # no empty journal directory for zarr listings to trip on
             with contextlib.suppress(OSError):
@@ -74,13 +82,14 @@ class MergeJournal:
         """Roll back a merge left unfinished by a crash; returns its tile (None if none)."""
         raw = get_bytes(self.store, MANIFEST)
         if raw is None:
-            if list_keys(self.store, JOURNAL_PREFIX):  # undo copies of a merge never begun
-                self.commit()
+            stray = list_keys(self.store, JOURNAL_PREFIX)
+            if stray:  # undo copies of a merge that never began
+                self.commit(stray)
             return None
         try:
             manifest = json.loads(raw)
         except ValueError:  # torn while being written: the merge had not changed anything
-            self.commit()
+            self.commit(list_keys(self.store, JOURNAL_PREFIX))
             return None
         for key, undo in manifest["keys"].items():
             if undo is None:
@@ -93,9 +102,9 @@ class MergeJournal:
                     f"{key}) but it is missing: the product cannot be rolled back; rerun with "
                     "resume: false to rebuild it"
                 )
-            set_bytes(self.store, key, value)
+            set_many(self.store, {key: value})
         tile = (int(manifest["tile"][0]), int(manifest["tile"][1]))
-        self.commit()
+        self.commit([undo for undo in manifest["keys"].values() if undo is not None])
         logger.warning(
             "rolled back the unfinished merge of tile (%d, %d): %d key(s) restored; the tile "
             "is merged again",

@@ -33,15 +33,17 @@ from zarr_orch.storage.product import (
     open_tag_array,
     store_handle,
 )
+from zarr_orch.storage.zarr_io import get_many, set_many
 
 logger = logging.getLogger(__name__)
 
 #: chunk side of windowed products whose profile names no block size
-WINDOW_CHUNK = 512
+WINDOW_CHUNK = 256
 
 
 def windowed_chunks(profile: dict[str, Any] | None) -> tuple[int, int]:
-    """The chunk shape of a windowed product: the profile's block size, else 512x512."""
+    """The chunk shape of a windowed product: the profile's block size, else 256x256
+    (GDAL's block of a tiled GeoTIFF, as CARS's rasters have)."""
     profile = profile or {}
     try:
         ch, cw = int(profile["blockysize"]), int(profile["blockxsize"])
@@ -163,22 +165,49 @@ def write_window_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
         result.nbytes += data.nbytes
         written.append(tag.name)
     store = store_handle(plan.location)
-    records = rec.open_records(store, plan.records, mode="r+")
-    block = (row // int(records.chunks[0]), col // int(records.chunks[1]))
+    block_shape = _records_block(plan)
+    block = (row // block_shape[0], col // block_shape[1])
+    record_key = rec.block_key(plan.records, *block)
     keys = [k for tag, array, _ in staged for k in _chunk_keys(array, tag.name, box)]
-    keys.append(f"{rec.META_GROUP}/{plan.records}/{records.metadata.encode_chunk_key((*block, 0))}")
     journal = MergeJournal(store)
-    journal.begin((row, col), keys)
+    if staged:
+        previous = journal.begin((row, col), [*keys, record_key])
+    else:  # nothing merged (no registered tag in the tile): recording it is idempotent
+        previous = get_many(store, [record_key])
     for _tag, array, data in staged:
         if data.ndim == 2:
             array[r0:r1, c0:c1] = data
         else:
             array[:, r0:r1, c0:c1] = data
-    record = np.frombuffer(rec.record_bytes(result.nbytes, crcs), dtype="<u8")
-    rec.rewrite_block(records, block, {(row, col): record})
-    journal.commit()
+    # the record last, into the block bytes the journal read (records are raw uint64)
+    old = previous[-1]
+    values = (
+        np.zeros(block_shape, dtype="<u8")
+        if old is None
+        else np.frombuffer(old, dtype="<u8").reshape(block_shape).copy()
+    )
+    values[row % block_shape[0], col % block_shape[1], :] = np.frombuffer(
+        rec.record_bytes(result.nbytes, crcs), dtype="<u8"
+    )
+    set_many(store, {record_key: values.tobytes()})
+    if staged:
+        journal.commit()
     result.tags, result.missing = tuple(written), tuple(missing)
     return result  # recorded already (with its merge): no record for the RecordWriter
+
+
+def _records_block(plan: ProductPlan) -> tuple[int, int, int]:
+    """Shape of one block of the product's records (opened once per process)."""
+    key = (plan.location.url, plan.records, plan.grid_shape)
+    shape = _BLOCKS.get(key)
+    if shape is None:
+        records = rec.open_records(store_handle(plan.location), plan.records)
+        shape = tuple(int(n) for n in records.chunks)
+        _BLOCKS[key] = shape
+    return shape
+
+
+_BLOCKS: dict[tuple[str, str, tuple[int, int]], tuple[int, ...]] = {}
 
 
 def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.ndarray | None:
