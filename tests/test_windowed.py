@@ -28,6 +28,7 @@ from windowed_tasks import (
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
 from zarr_orch.data.tiling import generate_tiling_grid
+from zarr_orch.errors import StorageError
 from zarr_orch.storage.journal import MANIFEST, MergeJournal
 from zarr_orch.storage.verify import verify_product
 from zarr_orch.storage.zarr_io import get_bytes, list_keys, set_bytes
@@ -218,20 +219,38 @@ def test_resume_skips_merged_tiles_and_merges_the_rest_once(out_dir, seq_conf):
     assert_equal_arrays(product_arrays(out_dir / "merged.zarr"), first)
 
 
-def test_journal_rolls_back_a_half_applied_merge(tmp_path):
-    """The merge journal restores every key exactly (changed, created) and is idempotent."""
-    store = zarr.storage.LocalStore(str(tmp_path / "p.zarr"))
-    set_bytes(store, "a/c/0/0", b"old chunk")
-    journal = MergeJournal(store)
-    journal.begin((0, 5), ["a/c/0/0", "a/c/0/1"])
-    set_bytes(store, "a/c/0/0", b"half merged")
-    set_bytes(store, "a/c/0/1", b"new chunk")
-    assert get_bytes(store, MANIFEST) is not None
-    assert MergeJournal(store).recover() == (0, 5)
-    assert get_bytes(store, "a/c/0/0") == b"old chunk"
-    assert get_bytes(store, "a/c/0/1") is None
-    assert list_keys(store, "_zarr_orch/journal/") == []
-    assert MergeJournal(store).recover() is None  # nothing left to undo
+def test_journal_rolls_back_a_half_applied_merge_across_products(tmp_path):
+    """One transaction over two products' stores: every key restored (changed, created)."""
+    first = zarr.storage.LocalStore(str(tmp_path / "a.zarr"))
+    second = zarr.storage.LocalStore(str(tmp_path / "b.zarr"))
+    stores = {"a": first, "b": second}
+    set_bytes(first, "v/c/0/0", b"old chunk")
+    set_bytes(second, "w/c/1/0", b"old weights")
+    journal = MergeJournal(first)
+    previous = journal.begin(
+        (0, 5), [("a", first, "v/c/0/0"), ("a", first, "v/c/0/1"), ("b", second, "w/c/1/0")]
+    )
+    assert previous == [b"old chunk", None, b"old weights"]
+    set_bytes(first, "v/c/0/0", b"half merged")
+    set_bytes(first, "v/c/0/1", b"new chunk")
+    set_bytes(second, "w/c/1/0", b"new weights")
+    assert get_bytes(first, MANIFEST) is not None
+    assert MergeJournal(second).recover(stores) is None  # the journal lives in the first
+    assert MergeJournal(first).recover(stores) == (0, 5)
+    assert get_bytes(first, "v/c/0/0") == b"old chunk"
+    assert get_bytes(first, "v/c/0/1") is None
+    assert get_bytes(second, "w/c/1/0") == b"old weights"
+    assert list_keys(first, "_zarr_orch/journal/") == []
+    assert MergeJournal(first).recover(stores) is None  # nothing left to undo
+
+
+def test_a_journal_naming_a_product_this_run_does_not_register_is_refused(tmp_path):
+    first = zarr.storage.LocalStore(str(tmp_path / "a.zarr"))
+    other = zarr.storage.LocalStore(str(tmp_path / "b.zarr"))
+    MergeJournal(first).begin((0, 1), [("a", first, "v/c/0/0"), ("b", other, "w/c/0/0")])
+    with pytest.raises(StorageError, match="also changed b, which this run does not register"):
+        MergeJournal(first).recover({"a": first})
+    assert get_bytes(first, MANIFEST) is not None  # kept for the run that can roll it back
 
 
 def test_verify_checks_every_chunk_and_reports_a_pending_merge(out_dir, seq_conf):
@@ -259,7 +278,7 @@ def test_torn_manifest_means_the_merge_never_began(tmp_path):
     set_bytes(store, "a/c/0/0", b"old chunk")
     set_bytes(store, "_zarr_orch/journal/0.undo", b"old chunk")
     set_bytes(store, MANIFEST, b'{"tile": [0, 1], "ke')  # killed while writing it
-    assert MergeJournal(store).recover() is None
+    assert MergeJournal(store).recover({}) is None
     assert get_bytes(store, "a/c/0/0") == b"old chunk"
     assert list_keys(store, "_zarr_orch/journal/") == []
 
@@ -281,7 +300,8 @@ def test_on_s3_a_half_applied_merge_is_rolled_back_at_start_up(s3_options, s3_bu
         np.testing.assert_array_equal(group[tag][...], want[tag], err_msg=tag)
     # a crash in the middle of a merge: journal begun, chunks half rewritten
     keys = ["val/c/0/0", "count/c/1/1", "seen/c/2/3"]
-    MergeJournal(store).begin((0, 5), keys)
+    product = f"{url}/merged.zarr"
+    MergeJournal(store).begin((0, 5), [(product, store, key) for key in keys])
     for key in keys:
         set_bytes(store, key, b"torn bytes of a half-applied merge")
     with Orchestrator(conf, out_dir=url) as orch:

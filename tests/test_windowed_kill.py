@@ -11,6 +11,7 @@ every stored chunk, byte for byte, with an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -29,7 +30,8 @@ from zarr_orch.storage.journal import MANIFEST
 PIPELINE = Path(__file__).with_name("windowed_tasks.py")
 ROOT = Path(__file__).resolve().parents[1]
 TILES = 20
-DATA_TAGS = ("val", "weight", "count", "seen")
+#: product -> its tags (the final_function merging val reads weights.zarr's weights)
+PRODUCTS = {"merged.zarr": ("val", "count"), "weights.zarr": ("weight",), "seen.zarr": ("seen",)}
 
 
 def _env() -> dict[str, str]:
@@ -55,13 +57,14 @@ def run(out: Path, mode: str) -> None:
     assert "ALL_DONE" in stdout
 
 
-def chunk_bytes(product: Path) -> dict[str, bytes]:
-    """Every stored chunk of the data arrays (raw, encoded bytes)."""
+def chunk_bytes(out: Path) -> dict[str, bytes]:
+    """Every stored chunk of the data arrays of every product (raw, encoded bytes)."""
     result = {}
-    for tag in DATA_TAGS:
-        for path in sorted((product / tag / "c").rglob("*")):
-            if path.is_file():
-                result[str(path.relative_to(product))] = path.read_bytes()
+    for product, tags in PRODUCTS.items():
+        for tag in tags:
+            for path in sorted((out / product / tag / "c").rglob("*")):
+                if path.is_file():
+                    result[str(path.relative_to(out))] = path.read_bytes()
     return result
 
 
@@ -74,11 +77,24 @@ def recorded(product: Path) -> set[tuple[int, int]]:
     return set().union(*(rec.done_tiles(store, name) for name in names))
 
 
+def recorded_everywhere(out: Path) -> set[tuple[int, int]]:
+    """The tiles whose merge is committed, checking that every product records them (a
+    tile's merge is one transaction over all products): only the tile of a journaled,
+    unfinished merge may be recorded by some products (the rerun rolls it back)."""
+    sets = [recorded(out / product) for product in PRODUCTS]
+    manifest = out / "merged.zarr" / MANIFEST
+    pending = {tuple(json.loads(manifest.read_text())["tile"])} if manifest.exists() else set()
+    committed = set.union(*sets) - pending
+    for product, tiles in zip(PRODUCTS, sets, strict=True):
+        assert tiles - pending == committed, f"{product} disagrees: {sorted(tiles)}"
+    return committed
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("windowed_reference") / "run"
     run(out, "sequential")
-    return chunk_bytes(out / "merged.zarr")
+    return chunk_bytes(out)
 
 
 def kill_at_merge(proc: subprocess.Popen[str], manifest: Path, nth: int, limit: float) -> bool:
@@ -120,14 +136,14 @@ def test_killed_merge_resumes_byte_identical(tmp_path, reference, trial):
     proc = start(out, mode)
     manifest = out / "merged.zarr" / MANIFEST
     half_applied = kill_at_merge(proc, manifest, rng.randint(2, TILES - 4), limit=120)
-    done = recorded(out / "merged.zarr")
+    done = recorded_everywhere(out)
     # merges are applied in tile order: the recorded tiles are always a prefix of it
     assert done == {(0, col) for col in range(len(done))}
     assert len(done) < TILES, "the run finished before the kill: nothing was tested"
     run(out, mode)
     assert not manifest.exists()
-    assert recorded(out / "merged.zarr") == {(0, col) for col in range(TILES)}
-    got = chunk_bytes(out / "merged.zarr")
+    assert recorded_everywhere(out) == {(0, col) for col in range(TILES)}
+    got = chunk_bytes(out)
     assert got.keys() == reference.keys()
     for key, value in reference.items():
         assert got[key] == value, f"{key} differs after resume (half-applied: {half_applied})"
@@ -142,6 +158,6 @@ def test_a_kill_lands_inside_a_merge(tmp_path, reference):
         if kill_at_merge(proc, out / "merged.zarr" / MANIFEST, 3 + trial * 4, limit=120):
             hits += 1
             run(out, "sequential")
-            assert chunk_bytes(out / "merged.zarr") == reference
+            assert chunk_bytes(out) == reference
             break
     assert hits >= 1

@@ -3,7 +3,7 @@
 The pattern is CARS's rasterization: a 1xN placeholder tiling grid, each task computes its
 own window, neighbouring windows overlap, and the dataset's final_function merges each tile
 with what is already on disk (a weighted mean, a sum, a boolean or). Run as a script it is
-the subprocess the windowed kill tests SIGKILL:
+the subprocess the windowed kill tests SIGKILL (its tags split over three products):
 
     python tests/windowed_tasks.py OUT [--mode M] [--tiles N] [--sleep S]
 """
@@ -29,6 +29,8 @@ HEIGHT, WIDTH = 96, 128
 TILE_H, TILE_W = 40, 50
 TAGS = {"val": ("float32", -9999.0), "weight": ("float32", 0.0), "count": ("uint16", 0)}
 TAGS["seen"] = ("uint8", 255)
+#: the products of the split layout (other tags stay in merged.tif)
+SPLIT_FILES = {"weight": "weights.tif", "seen": "seen.tif"}
 
 
 def profile(height: int = HEIGHT, width: int = WIDTH, block: int = 32) -> dict[str, Any]:
@@ -118,14 +120,20 @@ def windowed_dataset(
     sleep: float = 0.0,
     file_name: str = "merged.tif",
     window: Any = "own",
+    split: bool = False,
 ) -> CarsDataset:
-    """Register and schedule a rasterization-like dataset of `tiles` overlapping tiles."""
+    """Register and schedule a rasterization-like dataset of `tiles` overlapping tiles.
+
+    With `split`, tags go to several products as in CARS (``weight`` to weights.tif,
+    ``seen`` to seen.tif): the merge of ``val`` reads the weights of another product.
+    """
     prof = prof or profile()
     cds = CarsDataset("arrays", name="merged")
     cds.tiling_grid = generate_tiling_grid(0, 0, 1, tiles, 1, 1)
     cds.final_function = final
     for tag, (dtype, nodata) in TAGS.items():
-        orchestrator.add_to_save_lists(file_name, tag, cds, dtype=dtype, nodata=nodata)
+        name = SPLIT_FILES.get(tag, file_name) if split else file_name
+        orchestrator.add_to_save_lists(name, tag, cds, dtype=dtype, nodata=nodata)
     [info] = orchestrator.get_saving_infos([cds])
     for index in range(tiles):
         cds[0, index] = orchestrator.cluster.create_task(windowed_tile)(
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "multiprocessing":
         conf["nb_workers"] = 2
     with ocht.Orchestrator(conf, out_dir=args.out) as orch:
-        windowed_dataset(orch, args.tiles, sleep=args.sleep)
+        windowed_dataset(orch, args.tiles, sleep=args.sleep, split=True)
         print("STARTED", flush=True)
         orch.breakpoint()
     print("ALL_DONE", flush=True)

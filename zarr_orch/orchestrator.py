@@ -66,7 +66,7 @@ from zarr_orch.storage.product import (
 )
 from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
-from zarr_orch.storage.window_writer import read_merged
+from zarr_orch.storage.window_writer import read_merged, recover_merges
 
 logger = logging.getLogger(__name__)
 
@@ -639,6 +639,8 @@ class Orchestrator(CarsApiMixin):
                 components = fingerprint_components(plan, item.cars_ds, self._conf["run_key"])
                 reset = self._decide_reset(plan, components)
                 decisions.append((key, item, plan, file_name, components, reset))
+        # merges a killed run left half-applied are undone before any record is read
+        recover_merges([d[2] for d in decisions if d[2].windowed])
         for key, item, plan, file_name, components, reset in decisions:
             attributes = product_attributes(plan, item.cars_ds, file_name)
             attributes["zarr_orch"]["fingerprints"] = {

@@ -16,6 +16,7 @@ from typing import Any
 from zarr_orch import constants as cst
 from zarr_orch.errors import TileError
 from zarr_orch.storage.product import ProductPlan, TileWrite
+from zarr_orch.storage.window_writer import merge_tile
 from zarr_orch.storage.writers import write_tile
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,14 @@ class TileSink:
         self.check_routing(tile)
         inner = tile.attrs.get(cst.ATTRIBUTES)
         receipt.cropped = isinstance(inner, dict) and bool(inner.get(CROPPED_DISPARITY_RANGE))
-        for plan in self.plans:
-            receipt.writes[(plan.location.url, plan.records)] = write_tile(
-                plan, tile, self.row, self.col, self.what
-            )
+        if self.plans and all(plan.windowed for plan in self.plans):
+            # one transaction over every product of the tile (storage/window_writer.py)
+            receipt.writes = merge_tile(self.plans, tile, self.row, self.col, self.what)
+        else:
+            for plan in self.plans:
+                receipt.writes[(plan.location.url, plan.records)] = write_tile(
+                    plan, tile, self.row, self.col, self.what
+                )
         receipt.seconds = time.perf_counter() - start
         if self.keep_tile:
             receipt.tile = tile

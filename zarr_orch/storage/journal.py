@@ -22,7 +22,6 @@ from typing import Any
 
 from zarr_orch.errors import StorageError
 from zarr_orch.storage.zarr_io import (
-    delete_key,
     delete_many,
     get_bytes,
     get_many,
@@ -43,27 +42,35 @@ def _undo_key(index: int) -> str:
 
 @dataclass
 class MergeJournal:
-    """The journal of one product's store (the product's single writer owns it)."""
+    """The journal of one merge transaction, kept in one product's store (the first of the
+    products a tile merges into); it may name keys of several products' stores."""
 
     store: Any
 
     def __post_init__(self) -> None:
         self._undo: list[str] = []
 
-    def begin(self, tile: tuple[int, int], keys: list[str]) -> list[bytes | None]:
-        """Save the current bytes of `keys` (the merge's future changes), then the manifest.
-
-        Returns those bytes (None for absent keys), so the caller need not read them again.
-        """
-        previous = get_many(self.store, keys)
-        entries: dict[str, str | None] = {}
+    def begin(self, tile: tuple[int, int], entries: list[tuple[str, Any, str]]) -> list[Any]:
+        """Save the current bytes of every (product url, store, key) the merge will change,
+        then the manifest naming them. Returns those bytes (None for absent keys)."""
+        previous: list[bytes | None] = [None] * len(entries)
+        by_store: dict[int, list[int]] = {}
+        for index, (_url, store, _key) in enumerate(entries):
+            by_store.setdefault(id(store), []).append(index)
+        for indexes in by_store.values():
+            store = entries[indexes[0]][1]
+            values = get_many(store, [entries[i][2] for i in indexes])
+            for i, value in zip(indexes, values, strict=True):
+                previous[i] = value
+        manifest_entries = []
         copies: dict[str, bytes] = {}
-        for index, (key, value) in enumerate(zip(keys, previous, strict=True)):
-            entries[key] = None if value is None else _undo_key(index)
+        for index, ((url, _store, key), value) in enumerate(zip(entries, previous, strict=True)):
+            undo = None if value is None else _undo_key(index)
             if value is not None:
-                copies[_undo_key(index)] = value
+                copies[undo] = value
+            manifest_entries.append([url, key, undo])
         set_many(self.store, copies)  # every copy is stored before the manifest names it
-        manifest = {"tile": list(tile), "keys": entries}
+        manifest = {"tile": list(tile), "entries": manifest_entries}
         set_many(self.store, {MANIFEST: json.dumps(manifest, sort_keys=True).encode()})
         self._undo = list(copies)
         return previous
@@ -78,8 +85,12 @@ class MergeJournal:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(root, JOURNAL_PREFIX))
 
-    def recover(self) -> tuple[int, int] | None:
-        """Roll back a merge left unfinished by a crash; returns its tile (None if none)."""
+    def recover(self, stores: dict[str, Any]) -> tuple[int, int] | None:
+        """Roll back a merge left unfinished by a crash; returns its tile (None if none).
+
+        `stores` maps product URLs to their stores (the products of this run; the manifest
+        never holds credentials). A manifest naming a product not among them is refused.
+        """
         raw = get_bytes(self.store, MANIFEST)
         if raw is None:
             stray = list_keys(self.store, JOURNAL_PREFIX)
@@ -91,25 +102,33 @@ class MergeJournal:
         except ValueError:  # torn while being written: the merge had not changed anything
             self.commit(list_keys(self.store, JOURNAL_PREFIX))
             return None
-        for key, undo in manifest["keys"].items():
+        entries = manifest["entries"]
+        unknown = sorted({url for url, _key, _undo in entries if url not in stores})
+        if unknown:
+            raise StorageError(
+                f"an unfinished merge journaled in this product also changed {', '.join(unknown)}, "
+                "which this run does not register: rerun the pipeline that was interrupted "
+                "(same products) so it can be rolled back, or rerun with resume: false"
+            )
+        for url, key, undo in entries:
             if undo is None:
-                delete_key(self.store, key)
+                delete_many(stores[url], [key])
                 continue
             value = get_bytes(self.store, undo)
             if value is None:  # undo copies are written before the manifest: tampering
                 raise StorageError(
-                    f"the merge journal of this product names {undo} (previous bytes of "
-                    f"{key}) but it is missing: the product cannot be rolled back; rerun with "
-                    "resume: false to rebuild it"
+                    f"the merge journal names {undo} (previous bytes of {key} in {url}) but it "
+                    "is missing: the products cannot be rolled back; rerun with resume: false "
+                    "to rebuild them"
                 )
-            set_many(self.store, {key: value})
+            set_many(stores[url], {key: value})
         tile = (int(manifest["tile"][0]), int(manifest["tile"][1]))
-        self.commit([undo for undo in manifest["keys"].values() if undo is not None])
+        self.commit([undo for _url, _key, undo in entries if undo is not None])
         logger.warning(
             "rolled back the unfinished merge of tile (%d, %d): %d key(s) restored; the tile "
             "is merged again",
             tile[0],
             tile[1],
-            len(manifest["keys"]),
+            len(entries),
         )
         return tile

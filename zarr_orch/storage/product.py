@@ -266,10 +266,6 @@ def prepare_product(
 
         create_tile_descriptions(group, plan)
     forget_handles(plan.location)
-    if plan.windowed:
-        from zarr_orch.storage.window_writer import recover
-
-        recover(plan)  # a merge a crash left half-applied is undone before reading records
     return rec.done_tiles(store, plan.records)
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from zarr_orch import constants as cst
-from zarr_orch.errors import TileError
+from zarr_orch.errors import StorageError, TileError
 from zarr_orch.storage import records as rec
+from zarr_orch.storage.chunk_writer import ChunkWriter
 from zarr_orch.storage.journal import MergeJournal
 from zarr_orch.storage.product import (
     ProductPlan,
@@ -33,7 +35,7 @@ from zarr_orch.storage.product import (
     open_tag_array,
     store_handle,
 )
-from zarr_orch.storage.zarr_io import get_many, set_many
+from zarr_orch.storage.zarr_io import set_many
 
 logger = logging.getLogger(__name__)
 
@@ -116,25 +118,33 @@ def _chunk_keys(array: Any, tag: str, box: tuple[int, int, int, int]) -> list[st
     return keys
 
 
-def write_window_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str) -> TileWrite:
-    """Write each tag's core at the tile's window, journaled, then record the tile.
+@dataclass
+class _Staged:
+    """One product's part of a tile merge: its tags' data, its result, its record block."""
 
-    Runs in the product's single writer (the main process). Tags registered but absent
-    from the tile are skipped (a warning unless optional), as CARS's saver does.
-    """
+    plan: ProductPlan
+    box: tuple[int, int, int, int]
+    tags: list[tuple[TagSpec, Any, np.ndarray]]
+    crcs: list[int]
+    result: TileWrite
+    store: Any = None
+    keys: list[str] = field(default_factory=list)
+    record_key: str = ""
+
+
+def _stage(plan: ProductPlan, tile: Any, what: str) -> _Staged:
+    """Check and cast the tile's registered tags for one product (nothing written yet)."""
     shape2d = array_shape(plan, tile)
     box = tile_box(tile.attrs.get(cst.WINDOW), shape2d, what)
     r0, r1, c0, c1 = box
     overlaps = tile.attrs.get(cst.OVERLAPS) or {}
     layout = dataclasses.replace(plan, chunks=windowed_chunks(tile.attrs.get(cst.PROFILE)))
-    result = TileWrite()
-    staged: list[tuple[TagSpec, Any, np.ndarray]] = []
-    crcs: list[int] = []
+    staged = _Staged(plan, box, [], [], TileWrite())
     written, missing = [], []
     for tag in plan.tags:
         if tag.name not in tile:
             missing.append(tag.name)
-            crcs.append(0)
+            staged.crcs.append(0)
             if not tag.optional:
                 logger.warning("%s has no tag %r: nothing saved for it", what, tag.name)
             continue
@@ -158,42 +168,126 @@ def write_window_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
                 f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
                 f"{array.ndim}"
             )
-        staged.append((tag, array, data))
+        staged.tags.append((tag, array, data))
         crc = rec.checksum(data)
-        crcs.append(crc)
-        result.crcs[tag.name] = crc
-        result.nbytes += data.nbytes
+        staged.crcs.append(crc)
+        staged.result.crcs[tag.name] = crc
+        staged.result.nbytes += data.nbytes
         written.append(tag.name)
-    store = store_handle(plan.location)
-    block_shape = _records_block(plan)
-    block = (row // block_shape[0], col // block_shape[1])
-    record_key = rec.block_key(plan.records, *block)
-    keys = [k for tag, array, _ in staged for k in _chunk_keys(array, tag.name, box)]
-    journal = MergeJournal(store)
-    if staged:
-        previous = journal.begin((row, col), [*keys, record_key])
-    else:  # nothing merged (no registered tag in the tile): recording it is idempotent
-        previous = get_many(store, [record_key])
-    for _tag, array, data in staged:
+    staged.result.tags, staged.result.missing = tuple(written), tuple(missing)
+    return staged
+
+
+def merge_tile(
+    plans: tuple[ProductPlan, ...], tile: Any, row: int, col: int, what: str
+) -> dict[tuple[str, str], TileWrite]:
+    """Merge a tile into every product of its dataset as ONE journaled transaction.
+
+    Runs in the products' single writer (the main process). The journal (in the first
+    product) holds the previous bytes of every chunk and record block the tile changes in
+    all products, so a crash leaves either none or all of them merged and recorded: a
+    final_function reading one product (weights) to merge another sees a consistent state
+    on resume. Tags registered but absent from the tile are skipped, as CARS's saver does.
+    """
+    parts = [_stage(plan, tile, what) for plan in plans]  # every check before any write
+    entries: list[tuple[str, Any, str]] = []
+    for part in parts:
+        part.store = store_handle(part.plan.location)
+        block_shape = _records_block(part.plan)
+        part.record_key = rec.block_key(
+            part.plan.records, row // block_shape[0], col // block_shape[1]
+        )
+        part.keys = [
+            k for tag, array, _ in part.tags for k in _chunk_keys(array, tag.name, part.box)
+        ]
+        url = part.plan.location.url
+        entries += [(url, part.store, key) for key in [*part.keys, part.record_key]]
+    journal = MergeJournal(parts[0].store)
+    previous = iter(journal.begin((row, col), entries))
+    for part in parts:
+        before = {key: next(previous) for key in part.keys}
+        old_block = next(previous)
+        for tag, array, data in part.tags:
+            _merge_into(part.plan, tag.name, array, data, part.box, before)
+        # the record last, into the block bytes the journal read (records are raw uint64)
+        block_shape = _records_block(part.plan)
+        values = (
+            np.zeros(block_shape, dtype="<u8")
+            if old_block is None
+            else np.frombuffer(old_block, dtype="<u8").reshape(block_shape).copy()
+        )
+        values[row % block_shape[0], col % block_shape[1], :] = np.frombuffer(
+            rec.record_bytes(part.result.nbytes, part.crcs), dtype="<u8"
+        )
+        set_many(part.store, {part.record_key: values.tobytes()})
+    journal.commit()
+    # recorded already, with the merge: no record for the background RecordWriter
+    return {(part.plan.location.url, part.plan.records): part.result for part in parts}
+
+
+def _merge_into(
+    plan: ProductPlan,
+    tag: str,
+    array: Any,
+    data: np.ndarray,
+    box: tuple[int, int, int, int],
+    before: dict[str, bytes | None],
+) -> None:
+    """Paste `data` at `box`: each touched chunk decoded from the bytes the journal read,
+    updated and re-encoded with the array's own codecs (zarr's general path otherwise)."""
+    r0, r1, c0, c1 = box
+    writer = _chunk_writer(plan, tag, array)
+    if writer is None:
         if data.ndim == 2:
             array[r0:r1, c0:c1] = data
         else:
             array[:, r0:r1, c0:c1] = data
-    # the record last, into the block bytes the journal read (records are raw uint64)
-    old = previous[-1]
-    values = (
-        np.zeros(block_shape, dtype="<u8")
-        if old is None
-        else np.frombuffer(old, dtype="<u8").reshape(block_shape).copy()
-    )
-    values[row % block_shape[0], col % block_shape[1], :] = np.frombuffer(
-        rec.record_bytes(result.nbytes, crcs), dtype="<u8"
-    )
-    set_many(store, {record_key: values.tobytes()})
-    if staged:
-        journal.commit()
-    result.tags, result.missing = tuple(written), tuple(missing)
-    return result  # recorded already (with its merge): no record for the RecordWriter
+        return
+    height, width = (int(n) for n in array.shape[-2:])
+    ch, cw = writer.chunk_shape[-2:]
+    for i in range(r0 // ch, (r1 - 1) // ch + 1):
+        for j in range(c0 // cw, (c1 - 1) // cw + 1):
+            coords = (i, j) if data.ndim == 2 else (0, i, j)
+            chunk = _decode(writer, before.get(writer.key(coords)))
+            a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
+            b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
+            target = (slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
+            chunk[(..., *target)] = data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
+            valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
+            writer.write(coords, chunk[(..., *valid)])
+
+
+def _chunk_writer(plan: ProductPlan, tag: str, array: Any) -> ChunkWriter | None:
+    key = (plan.location.url, tag, tuple(array.chunks), str(array.dtype), repr(array.fill_value))
+    if key not in _WRITERS:
+        _WRITERS[key] = ChunkWriter.for_array(plan.location, tag, array)
+    return _WRITERS[key]
+
+
+def _decode(writer: ChunkWriter, raw: bytes | None) -> np.ndarray:
+    """A whole chunk's values from its stored bytes (the fill value when it is absent)."""
+    if raw is None:
+        return np.full(writer.chunk_shape, writer.fill, dtype=writer.dtype)
+    payload = raw
+    if writer.crc32c:
+        import google_crc32c
+
+        payload, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+        if int(google_crc32c.value(payload)) != stored:
+            raise StorageError(
+                f"a chunk of {writer.location.url}/{writer.array_path} fails its CRC32C "
+                "check: the product is damaged (zarr-orch verify lists it); rebuild it with "
+                "resume: false"
+            )
+    if writer.compress is not None:
+        from numcodecs.zstd import Zstd
+
+        payload = Zstd().decode(payload)
+    values = np.frombuffer(payload, dtype=writer.dtype.newbyteorder("<"))
+    return values.astype(writer.dtype).reshape(writer.chunk_shape)
+
+
+_WRITERS: dict[tuple[Any, ...], ChunkWriter | None] = {}
 
 
 def _records_block(plan: ProductPlan) -> tuple[int, int, int]:
@@ -222,9 +316,16 @@ def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.nd
     return np.asarray(array[:, r0:r1, c0:c1])
 
 
-def recover(plan: ProductPlan) -> tuple[int, int] | None:
-    """Roll back a merge a crash left unfinished in the product (start-up, single writer)."""
-    return MergeJournal(plan.location.zarr_store()).recover()
+def recover_merges(plans: list[ProductPlan]) -> list[tuple[int, int]]:
+    """Roll back the merges a crash left unfinished in these windowed products (start-up,
+    before their records are read); returns the rolled-back tiles."""
+    stores = {plan.location.url: store_handle(plan.location) for plan in plans}
+    tiles = []
+    for url in sorted(stores):
+        tile = MergeJournal(stores[url]).recover(stores)
+        if tile is not None:
+            tiles.append(tile)
+    return tiles
 
 
 def read_merged(plan: ProductPlan, any_done: bool, tag: str, tile: Any) -> tuple[Any, Any]:
