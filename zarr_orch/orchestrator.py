@@ -574,7 +574,9 @@ class Orchestrator(CarsApiMixin):
             )
             for plan in plans[item.key]:
                 file_names[(plan.location.url, plan.records)] = next(
-                    e.file_name for e in entries if e.tag == plan.tags[0].name
+                    e.file_name
+                    for e in entries
+                    if product_location(e.file_name, self.out_location).url == plan.location.url
                 )
         if not self._conf["checksum"]:
             plans = {
