@@ -215,7 +215,7 @@ def test_in_place_update_of_the_input_geotiff(tmp_path: Path, inputs: dict[str, 
         shutil.copy(inputs["dsm"], dsm)
         app = filling_app("interpolation", tile_size=128, margin=16)
 
-        def body(orchestrator: Any, out: Path, dsm: Path = dsm) -> Any:
+        def body(orchestrator: Any, out: Path, dsm: Path = dsm, app: Any = app) -> Any:
             app.run(
                 str(dsm),
                 str(inputs["classif"]),
