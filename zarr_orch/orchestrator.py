@@ -32,10 +32,10 @@ from zarr_orch.cars_compat import (
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
+from zarr_orch.data.documents import dump_document, format_for
 from zarr_orch.errors import ConfigurationError, ProductError, StorageError, TaskFailedError
 from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
 from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
-from zarr_orch.metadata_files import dump_document, format_for
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
