@@ -34,7 +34,11 @@ from zarr_orch.constants import (
     WINDOW,
 )
 from zarr_orch.data import tiling
-from zarr_orch.data.cars_files import CarsFilesMixin
+from zarr_orch.data.cars_files import (  # noqa: F401  (CARS 1.3 names of this module)
+    CarsFilesMixin,
+    generate_rasterio_window,
+    run_save_points,
+)
 from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
 from zarr_orch.errors import ConfigurationError, ProductError, TileError, TilingError
 
