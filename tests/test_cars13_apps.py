@@ -19,6 +19,8 @@ from cars13_support import (
     run_matrix,
 )
 
+from zarr_orch.errors import TaskFailedError
+
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -235,3 +237,34 @@ def test_in_place_update_of_the_input_geotiff(tmp_path: Path, inputs: dict[str, 
     assert not np.array_equal(results["cars"][0], before)
     assert np.array_equal(results["zarr_orch"][0], results["cars"][0])
     assert results["zarr_orch"][1]["nodata"] == results["cars"][1]["nodata"]
+
+
+@pytest.mark.xfail(
+    raises=TaskFailedError,
+    reason="its tiling grid is in full-resolution pixels while the saved arrays are "
+    "subsampled: saved by the non-grid tile support of the cars-merge branch (issue 11 item 4)",
+)
+def test_sensor_subsampling_resampling(tmp_path: Path) -> None:
+    """sensors_subsampling resamples a sensor image and its mask (rasterio, nbits) by 2."""
+    from cars13_support import write_raster
+
+    directory = tmp_path / "sensor"
+    directory.mkdir()
+    rng = np.random.default_rng(7)
+    image = write_raster(
+        directory / "img.tif", rng.integers(0, 4000, (240, 320)).astype("uint16"), nodata=0
+    )
+    mask_values = (rng.uniform(size=(240, 320)) > 0.9).astype("uint8")
+    mask = write_raster(directory / "msk.tif", mask_values, nodata=None)
+    sensor = {
+        "image": {"bands": {"b0": {"path": str(image), "band": 0}}},
+        "mask": str(mask),
+    }
+    app = Application("sensors_subsampling", cfg={"method": "rasterio", "tile_size": 128})
+
+    def body(orchestrator: Any, out: Path) -> Any:
+        app.run("left", sensor, 2, str(out / "subsampled"), orchestrator)
+        orchestrator.breakpoint()
+
+    names = compare_runs(run_matrix(tmp_path, body))
+    assert {"subsampled/left/img.tif", "subsampled/left/msk.tif"} <= set(names)
