@@ -413,10 +413,11 @@ class Orchestrator(CarsApiMixin):
             )
         self._geotiffs.export(
             [
-                (key, self._products[(plan.location.url, plan.records)].file_name, plan)
+                (key, state.file_name, plan, bool(state.done))
                 for key, key_plans in plans.items()
                 if key in self.registries.save_entries
                 for plan in key_plans
+                for state in [self._products[(plan.location.url, plan.records)]]
             ]
         )
         if self._cropped:
