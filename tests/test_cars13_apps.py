@@ -268,3 +268,73 @@ def test_sensor_subsampling_resampling(tmp_path: Path) -> None:
 
     names = compare_runs(run_matrix(tmp_path, body))
     assert {"subsampled/left/img.tif", "subsampled/left/msk.tif"} <= set(names)
+
+
+def epipolar_point_cloud(cars_dataset: Any) -> Any:
+    """A 110 x 130 epipolar point cloud (x, y, z per pixel, 2% outliers) in 50 x 60 tiles."""
+    import xarray as xr
+
+    cds = cars_dataset.CarsDataset("arrays", name="merged")
+    cds.create_grid(130, 110, 50, 60, 0, 0)
+    rng = np.random.default_rng(1)
+    for row in range(cds.shape[0]):
+        for col in range(cds.shape[1]):
+            w = cars_dataset.window_array_to_dict(cds.tiling_grid[row, col])
+            shape = (w["row_max"] - w["row_min"], w["col_max"] - w["col_min"])
+            rows, cols = np.mgrid[w["row_min"] : w["row_max"], w["col_min"] : w["col_max"]]
+            z = 100 + rng.normal(0, 0.1, shape)
+            z[rng.uniform(size=shape) > 0.98] = 180
+            cds[row, col] = xr.Dataset(
+                {
+                    "x": (("row", "col"), 600000 + cols * 0.5 + rng.normal(0, 0.01, shape)),
+                    "y": (("row", "col"), 4800000 - rows * 0.5 + rng.normal(0, 0.01, shape)),
+                    "z": (("row", "col"), z),
+                },
+                coords={"row": rows[:, 0], "col": cols[0]},
+                attrs={"epsg": 32631},
+            )
+    return cds
+
+
+def test_statistical_outlier_removal_saves_points(tmp_path: Path) -> None:
+    """A points-saving app: its tasks call run_save_points (CSV, LAZ); the epipolar X/Y/Z
+    arrays are saved through the orchestrator as tags named x, y, z."""
+    import pandas as pd
+    from cars.data_structures import cars_dataset
+
+    app = Application(
+        "point_cloud_outlier_removal", cfg={"method": "statistical", "save_intermediate_data": True}
+    )
+
+    def body(orchestrator: Any, out: Path) -> Any:
+        app.run(
+            epipolar_point_cloud(cars_dataset),
+            orchestrator=orchestrator,
+            point_cloud_dir=str(out / "pc"),
+            point_cloud_format="csv",
+            dump_dir=str(out / "dump"),
+            epsg=32631,
+        )
+        orchestrator.breakpoint()
+
+    outputs = run_matrix(tmp_path, body)
+    names = compare_runs(outputs)
+    assert {"pc/tif/X.tif", "pc/tif/Y.tif", "pc/tif/Z.tif"} <= set(names)
+
+    def files(directory: Path) -> list[str]:
+        return sorted(
+            str(p.relative_to(directory))
+            for p in directory.rglob("*")
+            if p.is_file() and p.suffix in (".csv", ".laz")
+        )
+
+    reference = outputs[("cars", "sequential")]
+    expected = files(reference)
+    assert len([n for n in expected if n.endswith(".csv")]) == 6  # one per tile (3 x 2)
+    for key, directory in outputs.items():
+        assert files(directory) == expected, key
+        for name in expected:
+            if name.endswith(".csv"):
+                pd.testing.assert_frame_equal(
+                    pd.read_csv(directory / name), pd.read_csv(reference / name)
+                )
