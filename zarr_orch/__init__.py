@@ -21,6 +21,8 @@ _EXPORTS = {
     "get_overlaps_dataset": "zarr_orch.data.cars_dataset",
     "get_profile_rasterio": "zarr_orch.data.cars_dataset",
     "get_window_dataset": "zarr_orch.data.cars_dataset",
+    "generate_rasterio_window": "zarr_orch.data.cars_files",
+    "run_save_points": "zarr_orch.data.cars_files",
     "create_grid": "zarr_orch.data.tiling",
     "generate_tiling_grid": "zarr_orch.data.tiling",
     "ConfigurationError": "zarr_orch.errors",

@@ -195,7 +195,7 @@ class CarsApiMixin:
 
     def save_index(self) -> None:
         """Write each product's index as ``out_dir/<product>/index.yaml``, as CARS does."""
-        from zarr_orch.metadata_files import dump_document
+        from zarr_orch.data.documents import dump_document
 
         for product, index in self.product_index.items():
             location = self.out_location.join(str(product), "index.yaml")  # type: ignore[attr-defined]

@@ -143,15 +143,20 @@ class GeoTiffOutputs:
             if any(array.attrs.get(name) != value for name, value in attrs.items()):
                 array.attrs.update(attrs)
 
-    def export(self, products: Sequence[tuple[int, str, ProductPlan]]) -> list[str]:
-        """Write the GeoTIFF of every (dataset key, file name, plan) with a GeoTIFF name.
+    def export(self, products: Sequence[tuple[int, str, ProductPlan, bool]]) -> list[str]:
+        """Write the GeoTIFF of every (dataset key, file name, plan, any tile done) entry
+        with a GeoTIFF name.
 
-        Returns the destinations written. Tags of optional data no tile produced are skipped.
+        Returns the destinations written. As CARS, nothing is written when no tile was done;
+        tags of optional data no tile produced are skipped.
         """
         written: list[str] = []
-        for key, file_name, plan in products:
+        for key, file_name, plan, any_done in products:
             self.annotate(key, file_name, plan)
             if not self.enabled or not is_geotiff_name(file_name):
+                continue
+            if not any_done:
+                logger.warning("%s: no tile was computed, no GeoTIFF written", file_name)
                 continue
             if plan.kind != cst.CARS_DS_TYPE_ARRAY:
                 logger.warning(

@@ -32,6 +32,7 @@ from zarr_orch.cars_compat import (
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
+from zarr_orch.data.documents import dump_document, format_for
 from zarr_orch.errors import (
     ConfigurationError,
     ProductError,
@@ -41,7 +42,6 @@ from zarr_orch.errors import (
 )
 from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
 from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
-from zarr_orch.metadata_files import dump_document, format_for
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
@@ -429,10 +429,11 @@ class Orchestrator(CarsApiMixin):
             )
         self._geotiffs.export(
             [
-                (key, self._products[(plan.location.url, plan.records)].file_name, plan)
+                (key, state.file_name, plan, bool(state.done))
                 for key, key_plans in plans.items()
                 if key in self.registries.save_entries
                 for plan in key_plans
+                for state in [self._products[(plan.location.url, plan.records)]]
             ]
         )
         if self._cropped:
@@ -611,7 +612,9 @@ class Orchestrator(CarsApiMixin):
             )
             for plan in plans[item.key]:
                 file_names[(plan.location.url, plan.records)] = next(
-                    e.file_name for e in entries if e.tag == plan.tags[0].name
+                    e.file_name
+                    for e in entries
+                    if product_location(e.file_name, self.out_location).url == plan.location.url
                 )
         if not self._conf["checksum"]:
             plans = {

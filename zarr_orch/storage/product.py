@@ -405,6 +405,10 @@ def crc32c_available() -> bool:
         return False
 
 
+#: names of the pixel-centre coordinates; a product saving tags of these names has none
+XY_NAMES = frozenset({"x", "y"})
+
+
 def _create_array(
     group: zarr.Group, plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: dict
 ) -> None:
@@ -413,6 +417,8 @@ def _create_array(
     # bytes from racing creators; one round trip on object stores instead of one per node)
     staged = zarr.create_group(zarr.storage.MemoryStore(), zarr_format=3)
     bands = shape[0] if len(shape) == 3 else None
+    if XY_NAMES & set(plan.tag_names):  # CARS saves point clouds as tags "x", "y", "z"
+        geo = {**geo, "has_xy": False}
     _ensure_coordinates(group, staged, height, width, bands, geo)
     attrs, fill_value = xarray_fill_attrs(tag.dtype, tag.nodata, len(shape))
     coords = []
@@ -476,7 +482,7 @@ def _ensure_coordinates(
     coeffs = geo.get("transform")
     if coeffs:
         x, y = pixel_centre_coords(tuple(coeffs), height, width)
-        if x is not None:
+        if x is not None and geo.get("has_xy", True):
             put("x", x, [cst.COL], {"long_name": "x coordinate of pixel centre", "axis": "X"})
             put("y", y, [cst.ROW], {"long_name": "y coordinate of pixel centre", "axis": "Y"})
     if geo.get("has_ref"):
