@@ -56,7 +56,7 @@ def run(cluster: AbstractCluster, tasks: list[Any], timeout: float | None = 60) 
     futures = cluster.start_tasks(tasks)
     index = {id(f): i for i, f in enumerate(futures)}
     outcomes: list[Outcome | None] = [None] * len(futures)
-    for outcome in cluster.future_iterator(futures, timeout=timeout):
+    for outcome in cluster.outcome_iterator(futures, timeout=timeout):
         outcomes[index[id(outcome.future)]] = outcome
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]

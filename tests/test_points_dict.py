@@ -40,7 +40,7 @@ def test_points_saved_one_subgroup_per_tile_and_read_back(conf, out_dir):
         cds = points_dataset()
         orch.add_to_save_lists("points.laz", "points", cds, cars_ds_name="pc")
         schedule_cells(orch, cds, points_tile, NB_POINTS)
-        assert orch.breakpoint() is True
+        assert orch.breakpoint() is False  # CARS 1.3: True only when cropped
     group = zarr.open_group(str(out_dir / "points.zarr"), mode="r")
     assert group.attrs["zarr_orch"]["kind"] == "points"
     tiles = sorted(k for k in group.group_keys() if k.startswith("tile_"))

@@ -31,7 +31,7 @@ def test_sinks_overlap_the_next_tile_and_outcomes_stay_in_order():
 
     task = cluster.create_task(tile)
     futures = cluster.start_tasks([cluster.attach_sink(task(i), sink) for i in range(4)])
-    outcomes = list(cluster.future_iterator(futures))
+    outcomes = list(cluster.outcome_iterator(futures))
     assert [o.value["tile"] for o in outcomes] == [0, 1, 2, 3]
     assert all(o.value["overlapped"] for o in outcomes)
     assert {name for kind, _, name in log if kind == "tile"} == {"MainThread"}
@@ -53,7 +53,7 @@ def test_a_failing_sink_is_retried_and_reported_without_stopping_the_others():
 
     task = cluster.create_task(tile)
     futures = cluster.start_tasks([cluster.attach_sink(task(i), sink) for i in range(3)])
-    outcomes = list(cluster.future_iterator(futures))
+    outcomes = list(cluster.outcome_iterator(futures))
     assert [o.value for o in outcomes] == [0, None, 2]
     assert outcomes[1].error is not None and "No space left" in str(outcomes[1].error)
     assert outcomes[1].attempts == 2 and calls == {0: 1, 1: 2, 2: 1}
@@ -72,7 +72,7 @@ def test_stopping_early_waits_for_the_write_in_progress():
 
     task = cluster.create_task(tile)
     futures = cluster.start_tasks([cluster.attach_sink(task(i), sink) for i in range(5)])
-    iterator = cluster.future_iterator(futures)
+    iterator = cluster.outcome_iterator(futures)
     assert next(iterator).value == 0  # tile 1's write is now queued or in flight
     iterator.close()  # e.g. Ctrl-C in the consumer
     # the write in flight (if it had started) ended; nothing else starts afterwards

@@ -1,8 +1,10 @@
 """Orchestrator configuration: validation, defaults and secret masking.
 
 The conf is a plain dict, as in CARS. Common keys are checked here, mode keys by the
-cluster class of the chosen mode (`CONF_OPTIONS`). Unknown keys and bad values are refused
-with a message that says what to change; `get_conf()` returns the fully defaulted result.
+cluster class of the chosen mode (`CONF_OPTIONS`); CARS 1.3 keys without an effect here
+(`CARS_KEYS`) are accepted with one logged line. Unknown keys and bad values are refused
+with a message that says what to change; `get_conf()` returns the fully defaulted and
+resolved result (e.g. ``nb_workers: "auto"`` becomes the number of workers, as in CARS).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import difflib
 import logging
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from zarr_orch.cluster.base import AbstractCluster, Option
@@ -195,6 +198,66 @@ COMMON_OPTIONS: dict[str, Option] = {
     "run_key": Option(
         None, optional_str("run_key"), "user key for what the library cannot see (code, params)"
     ),
+    "geotiff_outputs": Option(
+        True,
+        boolean("geotiff_outputs"),
+        "after each breakpoint, write every registered .tif/.tiff file name as a tiled GeoTIFF "
+        "built from its Zarr product (false: Zarr products only)",
+    ),
+}
+
+_DASK_MODES = frozenset({"local_dask", "pbs_dask", "slurm_dask"})
+_MP_MODES = frozenset({"multiprocessing", "mp"})
+
+
+@dataclass(frozen=True)
+class CarsKey:
+    """A CARS 1.3 cluster conf key accepted for compatibility in `modes`, with no effect here."""
+
+    modes: frozenset[str]
+    option: Option
+    why: str
+
+
+#: keys CARS 1.3's cluster conf checks accept that change nothing in zarr_orch (their modes,
+#: CARS's default and why); a mode that has the feature declares the key in its CONF_OPTIONS
+CARS_KEYS: dict[str, CarsKey] = {
+    "dump_to_disk": CarsKey(
+        _MP_MODES,
+        Option(True, boolean("dump_to_disk")),
+        "workers write tiles straight into Zarr chunks, results are never dumped to disk",
+    ),
+    "per_job_timeout": CarsKey(
+        _MP_MODES,
+        Option(600, positive_number("per_job_timeout")),
+        "task_timeout (seconds without any completed task) bounds hung tasks",
+    ),
+    "factorize_tasks": CarsKey(
+        _MP_MODES,
+        Option(True, boolean("factorize_tasks")),
+        "every tile is one task; chains are not factorized",
+    ),
+    "max_ram_per_worker": CarsKey(
+        frozenset({"sequential"}),
+        Option(2000, positive_number("max_ram_per_worker")),
+        "sequential mode runs tasks in this process, with no RAM cap",
+    ),
+    "use_memory_logger": CarsKey(
+        _DASK_MODES, Option(False, boolean("use_memory_logger")), "no dask memory logger plugin"
+    ),
+    "config_name": CarsKey(
+        _DASK_MODES, Option("unknown", optional_str("config_name")), "informative only"
+    ),
+    "walltime": CarsKey(
+        frozenset({"local_dask"}),
+        Option("00:59:00", optional_str("walltime")),
+        "a local cluster has no job walltime",
+    ),
+    "python": CarsKey(
+        frozenset({"local_dask"}),
+        Option(None, optional_str("python")),
+        "local workers run this process's interpreter",
+    ),
 }
 
 
@@ -217,7 +280,16 @@ def validate_conf(
     if not isinstance(mode, str):
         raise ConfigurationError(f"mode must be a string, got {mode!r}")
     cluster_cls = AbstractCluster.for_mode(mode)
-    options = {**COMMON_OPTIONS, **cluster_cls.CONF_OPTIONS}
+    cars_keys = {
+        key: spec
+        for key, spec in CARS_KEYS.items()
+        if mode in spec.modes and key not in cluster_cls.CONF_OPTIONS
+    }
+    options = {
+        **COMMON_OPTIONS,
+        **{key: spec.option for key, spec in cars_keys.items()},
+        **cluster_cls.CONF_OPTIONS,
+    }
 
     unknown = sorted(set(conf) - set(options))
     if unknown:
@@ -236,7 +308,10 @@ def validate_conf(
             continue
         value = conf[key] if key in conf else copy.deepcopy(option.default)
         checked[key] = option.check(value)
-    return cluster_cls, checked
+    ignored = [f"{key} ({cars_keys[key].why})" for key in sorted(set(conf) & set(cars_keys))]
+    if ignored:
+        logger.info("orchestrator conf keys without effect in zarr_orch: %s", "; ".join(ignored))
+    return cluster_cls, cluster_cls.resolve_conf(checked)
 
 
 def is_secret_key(key: str) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -20,19 +19,34 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
-
 from zarr_orch import __version__
 from zarr_orch import constants as cst
+from zarr_orch.cars_compat import (
+    CarsApiMixin,
+    flatten_object,
+    get_disparity_range_cropped,
+    merge_dicts,
+    resolve_init_args,
+    update_saving_infos,
+)
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
-from zarr_orch.errors import ConfigurationError, ProductError, StorageError, TaskFailedError
+from zarr_orch.data.documents import dump_document, format_for
+from zarr_orch.errors import (
+    ConfigurationError,
+    ProductError,
+    StorageError,
+    TaskFailedError,
+    TileError,
+)
+from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
 from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
 from zarr_orch.registry.ids import IdGenerator
+from zarr_orch.registry.merge_order import MergeOrder
 from zarr_orch.registry.plan import (
     build_plans,
     intermediate_plan,
@@ -53,63 +67,9 @@ from zarr_orch.storage.product import (
 )
 from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
+from zarr_orch.storage.window_writer import read_merged, recover_merges
 
 logger = logging.getLogger(__name__)
-
-
-class NumpyJSONEncoder(json.JSONEncoder):
-    """JSON encoder for metadata: numpy scalars and arrays, tuples, sets, paths."""
-
-    def default(self, o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, set | frozenset):
-            return sorted(o, key=repr)
-        if isinstance(o, os.PathLike):
-            return os.fspath(o)
-        if hasattr(o, "to_wkt"):
-            return o.to_wkt()
-        return super().default(o)
-
-
-def merge_dicts(left: dict, right: dict) -> dict:
-    """Deep-merge `right` into a copy of `left`: nested dicts merge, other values overwrite."""
-    result = dict(left)
-    for key, value in right.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merge_dicts(result[key], value)
-        else:
-            result[key] = copy.deepcopy(value)
-    return result
-
-
-def flatten_object(cars_ds_list: list[Any], delayed_type: Any) -> list[Any]:
-    """Flatten list of CarsDatasets to list of delayed (each dataset once, row-major order)."""
-    seen: set[int] = set()
-    result = []
-    for cars_ds in cars_ds_list:
-        if cars_ds is None or id(cars_ds) in seen:
-            continue
-        seen.add(id(cars_ds))
-        for row in cars_ds.tiles or []:
-            for obj in row:
-                if obj is not None and isinstance(obj, delayed_type):
-                    result.append(obj)
-    return result
-
-
-def update_saving_infos(
-    saving_info_left: dict[str, Any], row: int | None = None, col: int | None = None
-) -> dict[str, Any]:
-    """Update saving infos dict with row and col arguments (returns a copy)."""
-    full = dict(saving_info_left)
-    if row is not None:
-        full[cst.CARS_DS_ROW] = int(row)
-    if col is not None:
-        full[cst.CARS_DS_COL] = int(col)
-    return full
 
 
 class _ProductState:
@@ -123,16 +83,33 @@ class _ProductState:
         self.done = done
 
 
-class Orchestrator:
-    """Orchestrator: registers CarsDatasets and computes them at breakpoints into Zarr."""
+__all__ = [
+    "Orchestrator",
+    "flatten_object",
+    "get_disparity_range_cropped",
+    "merge_dicts",
+    "update_saving_infos",
+]
+
+
+class Orchestrator(CarsApiMixin):
+    """Orchestrator: registers CarsDatasets and computes them at breakpoints into Zarr.
+
+    Both constructor conventions work: the seed API's ``(orchestrator_conf, out_dir,
+    launch_worker, out_json_path)`` and CARS 1.3's ``(orchestrator_conf, out_dir, log_dir,
+    launch_worker, out_yaml_path)``; a bool third argument is launch_worker, a path or None
+    is log_dir (`zarr_orch.cars_compat.resolve_init_args`).
+    """
 
     def __init__(
         self,
         orchestrator_conf: dict[str, Any] | None = None,
         out_dir: str | os.PathLike[str] | None = None,
-        launch_worker: bool = True,
-        out_json_path: str | os.PathLike[str] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
+        init = resolve_init_args(args, kwargs)
+        launch_worker, out_json_path = init.launch_worker, init.metadata_path
         cluster_cls, self._conf = validate_conf(orchestrator_conf)
         self._storage_options = self._conf["storage_options"]
         self.tmp_dir_list: list[Any] = []
@@ -150,9 +127,11 @@ class Orchestrator:
         else:
             self.out_json_location = Location.parse(out_json_path, base=self.out_location)
         self.out_json_path = self.out_json_location.url
+        self._geotiffs = GeoTiffOutputs(self.out_location, self._conf["geotiff_outputs"])
         self.launch_worker = launch_worker
         self.run_id = uuid.uuid4().hex[:12]
         self.out_json: dict[str, Any] = {}
+        self.init_cars_api(init.log_dir)
         self._started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.id_generator = IdGenerator()
         self.registries = Registries()
@@ -172,6 +151,7 @@ class Orchestrator:
             "seconds": 0.0,
         }
         self._closed = False
+        self._cropped = False
         self.callbacks: list[Callback] = default_callbacks(self._conf["progress"])
         self._guard: InterruptGuard | None = None
         self._interrupted = False
@@ -180,6 +160,7 @@ class Orchestrator:
             self._runlog = RunLog(self.out_location, self.run_id)
             self._runlog.header(self.run_id, self.get_conf())
         self._records = RecordWriter()
+        self._merge_order = MergeOrder()
         self._lease: Lease | None = None
         try:
             if launch_worker:
@@ -223,9 +204,22 @@ class Orchestrator:
         nodata: Any = 0,
         cars_ds_name: str | None = None,
         optional_data: bool = False,
-        save_points_cloud_by_pair: bool = False,
+        save_by_pair: bool = False,
+        rio_tags: Any = None,
+        rio_band_description: Any = None,
+        nbits: int | None = None,
+        *,
+        save_points_cloud_by_pair: bool | None = None,
     ) -> None:
-        """Save `tag` of every tile of `cars_ds` into the Zarr product `file_name`."""
+        """Save `tag` of every tile of `cars_ds` into the Zarr product of `file_name`.
+
+        A ``.tif``/``.tiff`` name also gets its GeoTIFF after the breakpoint, with CARS's
+        `rio_band_description`, `rio_tags` and `nbits` (`zarr_orch.geotiff_outputs`).
+        `save_points_cloud_by_pair` is the seed API's name of `save_by_pair`.
+        """
+        if save_points_cloud_by_pair is not None:
+            save_by_pair = save_points_cloud_by_pair
+        options = GeoTiffOptions.from_cars(rio_band_description, rio_tags, nbits)
         if isinstance(file_name, str | os.PathLike) and os.fspath(file_name).strip():
             # a name climbing out of out_dir fails here, at the call that gave it
             product_location(os.fspath(file_name), self.out_location)
@@ -239,8 +233,9 @@ class Orchestrator:
             dtype,
             nodata,
             optional_data,
-            save_points_cloud_by_pair,
+            save_by_pair,
         )
+        self._geotiffs.register(key, file_name, tag, options)
 
     def add_to_replace_lists(self, cars_ds: Any, cars_ds_name: str | None = None) -> None:
         """Bring computed tiles back into `cars_ds` at the breakpoint."""
@@ -259,13 +254,13 @@ class Orchestrator:
         """Deep-merge `new_dict` into the run's metadata (written to out_json_path)."""
         if not isinstance(new_dict, dict):
             raise ConfigurationError(f"update_out_info needs a dict, got {type(new_dict).__name__}")
-        self.out_json = merge_dicts(self.out_json, new_dict)
+        merge_dicts(self.out_json, copy.deepcopy(new_dict))
 
     def save_out_json(self) -> None:
-        """Write the run's metadata JSON (user info + products + run summary)."""
-        content = merge_dicts(self.out_json, {"zarr_orch": self._run_info()})
-        text = json.dumps(content, indent=2, cls=NumpyJSONEncoder, sort_keys=False)
-        self.out_json_location.write_text(text + "\n")
+        """Write the run's metadata (user info + products + run summary); .yaml/.yml: YAML."""
+        content = {**self.out_json, "zarr_orch": self._run_info()}
+        fmt = format_for(self.out_json_location.name)
+        self.out_json_location.write_text(dump_document(content, fmt))
 
     def _run_info(self) -> dict[str, Any]:
         return {
@@ -307,9 +302,11 @@ class Orchestrator:
         key = info.get(cst.CARS_DS_KEY)
         product = self._saved_tags.get(key, {}).get(tag)
         window = attrs.get(cst.WINDOW)
-        if product is None or window is None:
+        if product is None or (window is None and not self._products[product].plan.windowed):
             return None, None
         state = self._products[product]
+        if state.plan.windowed:  # CARS: the window as on disk once any tile was merged
+            return read_merged(state.plan, bool(state.done), tag, future_object)
         tile = (info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
         if tile not in state.done:
             return None, None
@@ -323,13 +320,15 @@ class Orchestrator:
         Tiles already recorded as done in their products (an earlier run, when `resume` is
         on) are not submitted; replaced ones are rebuilt from the store once the breakpoint's
         own tiles are written (their overlaps may come from them), and only recomputed when
-        that cannot be exact. Returns True when any tile was computed. `only_remaining_delayed`
-        restricts the run to those delayed objects (CARS's second pass).
+        that cannot be exact. Registered GeoTIFF names are written last. Returns what CARS
+        returns: whether any tile says its disparity range was cropped.
+        `only_remaining_delayed` restricts the run to those delayed objects (CARS's second pass).
         """
         if not self.launch_worker:
             logger.info("launch_worker is false: nothing is computed")
             return False
         start = time.perf_counter()
+        self._cropped = False
         tracked = self.registries.ordered()
         plans = self._prepare_products(tracked)
         delayed_type = self.cluster.get_delayed_type()
@@ -337,12 +336,14 @@ class Orchestrator:
             None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
         )
         tasks, sinks, local, to_serve = [], [], [], []
+        self._merge_order = MergeOrder()
         resumed = 0
         for item in tracked:
             keep = item.key in self.registries.replace_keys or item.cars_ds.final_function
             key_plans = tuple(plans.get(item.key, ()))
             worker_plans = () if item.cars_ds.final_function else key_plans
             done = self._done_for(key_plans)
+            windowed = any(p.windowed for p in key_plans)
             for row, line in enumerate(item.cars_ds.tiles):
                 for col, obj in enumerate(line):
                     if obj is None:
@@ -352,7 +353,8 @@ class Orchestrator:
                         continue
                     if is_delayed and (row, col) in done:
                         resumed += 1
-                        if item.key in self.registries.replace_keys:
+                        # a windowed tile was merged into its neighbours: nothing to serve
+                        if item.key in self.registries.replace_keys and not windowed:
                             to_serve.append((item, key_plans, row, col, obj))
                         continue
                     sink = TileSink(
@@ -367,6 +369,8 @@ class Orchestrator:
                     if is_delayed:
                         tasks.append(self.cluster.attach_sink(obj, sink))
                         sinks.append(sink)
+                        if windowed:
+                            self._merge_order.expect(item.key, row, col)
                     elif item.key in self.registries.save_entries and is_concrete_tile(obj):
                         local.append((sink, obj))
         names = "+".join(dict.fromkeys(item.name for item in tracked)) or "nothing"
@@ -432,7 +436,21 @@ class Orchestrator:
                 f"be stored (first: tile ({row}, {col}) of {url}: {exc}); their data is on "
                 "disk, and rerunning recomputes exactly those tiles"
             )
-        return summary.done > 0
+        self._geotiffs.export(
+            [
+                (key, state.file_name, plan, bool(state.done))
+                for key, key_plans in plans.items()
+                if key in self.registries.save_entries
+                for plan in key_plans
+                for state in [self._products[(plan.location.url, plan.records)]]
+            ]
+        )
+        if self._cropped:
+            logger.warning(
+                "Disparity range was cropped in DenseMatching, due to a lack of available "
+                "memory for estimated disparity range"
+            )
+        return self._cropped
 
     def _flush_records(self) -> list[tuple[str, int, int, BaseException]]:
         """Wait for the background record writes; un-book the tiles whose record failed."""
@@ -459,7 +477,7 @@ class Orchestrator:
         sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
         tasks.clear()
         timeout = self._conf["task_timeout"]
-        for outcome in self.cluster.future_iterator(futures, timeout=timeout):
+        for outcome in self.cluster.outcome_iterator(futures, timeout=timeout):
             sink = sink_of.pop(id(outcome.future))
             if self._guard is not None and self._guard.triggered:
                 self._book_if_done(outcome)
@@ -467,13 +485,34 @@ class Orchestrator:
             if outcome.attempts > 1:
                 summary.retried += 1
                 self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
+            # windowed datasets merge in tile order: an early tile waits for the ones before
+            for ready_sink, ready_outcome in self._merge_order.ready(sink, outcome):
+                self._settle(ready_sink, ready_outcome, plans, summary, failures)
+
+    def _settle(
+        self,
+        sink: TileSink,
+        outcome: Outcome,
+        plans: dict[int, list[ProductPlan]],
+        summary: StageSummary,
+        failures: list[tuple[TileSink, TaskError]],
+    ) -> None:
+        """Book one outcome (merging it first for windowed datasets), or its failure."""
+        broken = self._merge_order.broken_by(sink.key)
+        if broken is not None:
+            error = TileError(f"not merged: {broken} failed before it; a rerun merges it in order")
+            failures.append((sink, TaskError.from_exception(error)))
+            receipt = None
+        else:
             receipt = self._receive(outcome, sink, plans, failures)
-            if receipt is None:
-                summary.failed += 1
-                summary.failures.append(sink.what)
-                self._emit("on_tile_failed", sink.name, sink.row, sink.col, str(failures[-1][1]))
-                continue
-            self._done_tile(sink, receipt, summary)
+        if receipt is None:
+            if broken is None:
+                self._merge_order.break_chain(sink.key, sink.what)
+            summary.failed += 1
+            summary.failures.append(sink.what)
+            self._emit("on_tile_failed", sink.name, sink.row, sink.col, str(failures[-1][1]))
+            return
+        self._done_tile(sink, receipt, summary)
 
     def _book_if_done(self, outcome: Outcome) -> None:
         """Book a tile that finished while we were being interrupted (it is on disk)."""
@@ -582,7 +621,9 @@ class Orchestrator:
             )
             for plan in plans[item.key]:
                 file_names[(plan.location.url, plan.records)] = next(
-                    e.file_name for e in entries if e.tag == plan.tags[0].name
+                    e.file_name
+                    for e in entries
+                    if product_location(e.file_name, self.out_location).url == plan.location.url
                 )
         if self._conf["checksum"]:  # opt-in crc32c codec (GDAL cannot read it)
             plans = {
@@ -610,6 +651,8 @@ class Orchestrator:
                 components = fingerprint_components(plan, item.cars_ds, self._conf["run_key"])
                 reset = self._decide_reset(plan, components)
                 decisions.append((key, item, plan, file_name, components, reset))
+        # merges a killed run left half-applied are undone before any record is read
+        recover_merges([d[2] for d in decisions if d[2].windowed])
         for key, item, plan, file_name, components, reset in decisions:
             attributes = product_attributes(plan, item.cars_ds, file_name)
             attributes["zarr_orch"]["fingerprints"] = {
@@ -692,7 +735,8 @@ class Orchestrator:
         return receipt
 
     def _book(self, receipt: Receipt) -> int:
-        """Bookkeeping of one finished tile: done sets, replaced cell."""
+        """Bookkeeping of one finished tile: done sets, replaced cell, cropped flag."""
+        self._cropped = self._cropped or receipt.cropped
         for product, write in receipt.writes.items():
             state = self._products[product]
             if write.record is not None:
@@ -733,6 +777,7 @@ class Orchestrator:
     def reset_registries(self) -> None:
         """Forget every registration (ids stay unique for the orchestrator's lifetime)."""
         self.registries = Registries()
+        self._geotiffs.clear()
 
     def reset_cluster(self) -> None:
         """Stop the cluster and start a fresh one with the same conf."""
@@ -742,6 +787,7 @@ class Orchestrator:
     def _save_metadata_quietly(self) -> None:
         try:
             self.save_out_json()
+            self.save_index()
         except Exception as exc:  # never hide the real outcome of a run behind metadata I/O
             logger.error("could not write %s: %s", self.out_json_location, exc)
 

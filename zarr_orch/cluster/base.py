@@ -1,8 +1,9 @@
 """The cluster interface: how the orchestrator runs tasks, whatever executes them.
 
 A cluster turns functions into lazy tasks (`create_task`), starts a batch of them
-(`start_tasks`) and hands results back as they complete (`future_iterator`), one `Outcome`
+(`start_tasks`) and hands results back as they complete (`outcome_iterator`), one `Outcome`
 per started task, successes and failures alike, so one failed tile never hides the others.
+`future_iterator` is CARS's view of the same stream: the results themselves.
 Modes register themselves with `AbstractCluster.register`; the orchestrator only sees this API.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from zarr_orch.errors import ConfigurationError
+from zarr_orch.errors import ConfigurationError, TaskFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class TaskError:
 
 @dataclass
 class Outcome:
-    """What `future_iterator` yields for each started task: its future and value, or an error."""
+    """What `outcome_iterator` yields for each started task: its future and value, or an error."""
 
     future: Any
     value: Any = None
@@ -76,6 +77,13 @@ class AbstractCluster(ABC):
         self.conf = conf
         self.out_dir = out_dir
         self.launch_worker = launch_worker
+        #: CARS carries it from a cluster to the one `reset_cluster` starts (nothing here)
+        self.data_to_propagate: Any = None
+
+    @property
+    def checked_conf_cluster(self) -> dict[str, Any]:
+        """CARS's name of the checked conf (pipelines read e.g. its max_ram_per_worker)."""
+        return self.conf
 
     # -- registration -------------------------------------------------------------------------
     @classmethod
@@ -106,6 +114,11 @@ class AbstractCluster(ABC):
             ) from None
 
     # -- conf -----------------------------------------------------------------------------------
+    @classmethod
+    def resolve_conf(cls, conf: dict[str, Any]) -> dict[str, Any]:
+        """The validated conf with automatic values made concrete (CARS's get_conf semantics)."""
+        return conf
+
     def get_conf(self) -> dict[str, Any]:
         """The validated, fully defaulted conf this cluster runs with (a copy)."""
         return dict(self.conf)
@@ -143,8 +156,25 @@ class AbstractCluster(ABC):
     def start_tasks(self, task_list: list[Any]) -> list[Any]:
         """Start computing the delayed objects; return one future per task, same order."""
 
-    @abstractmethod
     def future_iterator(
+        self, future_list: list[Any], timeout: float | None = None
+    ) -> Iterator[Any]:
+        """Yield each task's result as it completes, as CARS's clusters do.
+
+        A failed task raises its TaskFailedError here (with the original traceback), after the
+        results completed before it were yielded.
+        """
+        for outcome in self.outcome_iterator(future_list, timeout=timeout):
+            if not outcome.ok:
+                error = outcome.error
+                raise TaskFailedError(
+                    f"task failed: {error}\n\nOriginal traceback:\n{error.traceback}",
+                    original_traceback=error.traceback,
+                )
+            yield outcome.value
+
+    @abstractmethod
+    def outcome_iterator(
         self, future_list: list[Any], timeout: float | None = None
     ) -> Iterator[Outcome]:
         """Yield one `Outcome` per future as it completes (any order).

@@ -157,7 +157,8 @@ class DaskClusterBase(GraphTasks, AbstractCluster):
         if self.runner is not None and self.client is not None:
             self.runner.cancel(future_list)
 
-    def future_iterator(
+    # -- results ------------------------------------------------------------------------------
+    def outcome_iterator(
         self, future_list: list[Any], timeout: float | None = None
     ) -> Iterator[Outcome]:
         """Yield one Outcome per future as it completes, submitting more jobs meanwhile.

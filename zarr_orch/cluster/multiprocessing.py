@@ -620,6 +620,11 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         ),
     }
 
+    @classmethod
+    def resolve_conf(cls, conf: dict[str, Any]) -> dict[str, Any]:
+        """``nb_workers: "auto"`` becomes the number of workers started (as CARS reports it)."""
+        return {**conf, "nb_workers": resolve_nb_workers(conf["nb_workers"])}
+
     def __init__(self, conf: dict[str, Any], out_dir: Any, launch_worker: bool = True) -> None:
         conf = dict(conf)
         for key, option in self.CONF_OPTIONS.items():
@@ -1093,7 +1098,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._dispatch()
 
     # -- iteration ----------------------------------------------------------------------------
-    def future_iterator(
+    def outcome_iterator(
         self, future_list: list[MpFuture], timeout: float | None = None
     ) -> Iterator[Outcome]:
         """Yield one Outcome per future in completion order, driving the scheduler meanwhile.

@@ -159,10 +159,10 @@ class SequentialCluster(GraphTasks, AbstractCluster):
     IN_PROCESS = True
 
     def start_tasks(self, task_list: list[Any]) -> list[SequentialFuture]:
-        """Wrap the tasks; nothing runs until `future_iterator` is consumed."""
+        """Wrap the tasks; nothing runs until `outcome_iterator` is consumed."""
         return [SequentialFuture(task) for task in task_list]
 
-    def future_iterator(
+    def outcome_iterator(
         self, future_list: list[SequentialFuture], timeout: float | None = None
     ) -> Iterator[Outcome]:
         """Compute the futures in order, yielding an Outcome for each."""

@@ -34,6 +34,11 @@ from zarr_orch.constants import (
     WINDOW,
 )
 from zarr_orch.data import tiling
+from zarr_orch.data.cars_files import (  # noqa: F401  (CARS 1.3 names of this module)
+    CarsFilesMixin,
+    generate_rasterio_window,
+    run_save_points,
+)
 from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
 from zarr_orch.errors import ConfigurationError, ProductError, TileError, TilingError
 
@@ -148,7 +153,7 @@ def _check_index(value: Any, size: int, axis: str, shape: tuple[int, int]) -> in
     return index % size
 
 
-class CarsDataset:
+class CarsDataset(CarsFilesMixin):
     """2-D grid of tiles (xr.Dataset, pd.DataFrame or CarsDict) with its tiling grid.
 
     ``tiles[row][col]`` holds None (no work), a delayed object or a concrete tile (a tile

@@ -41,6 +41,8 @@ def fingerprint_components(plan: ProductPlan, cars_ds: Any, run_key: str | None)
         "codec": plan.codec,
         "checksum": plan.checksum,
         "save_by_pair": plan.save_by_pair,
+        # only windowed products carry the key: older grid-aligned products keep resuming
+        **({"windowed": True} if plan.windowed else {}),
         "run_key": run_key,
         "dataset_run_key": dataset_key,
     }

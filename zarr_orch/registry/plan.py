@@ -27,6 +27,7 @@ from zarr_orch.storage.product import (
     TagSpec,
     now_iso,
 )
+from zarr_orch.storage.window_writer import WINDOW_CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,12 @@ def build_plans(
     """One ProductPlan per product the dataset saves into (entries grouped by file name)."""
     cars_ds = tracked.cars_ds
     grid = np.asarray(cars_ds.tiling_grid)
-    if cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY:
+    windowed = is_windowed(cars_ds)
+    if windowed:
+        # tiles carry their own windows (CARS's rasterization): merged by the main process
+        # into arrays with their own chunk grid (window_writer); the grid is a placeholder
+        chunks, extent = (WINDOW_CHUNK, WINDOW_CHUNK), _windowed_extent(grid)
+    elif cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY:
         try:
             chunks = regular_chunk_shape(grid)
         except MisalignedGridError as exc:
@@ -110,10 +116,30 @@ def build_plans(
                 grid_shape=(int(grid.shape[0]), int(grid.shape[1])),
                 save_by_pair=any(e.by_pair for e in group),
                 codec=codec,
-                describe_tiles=describe_tiles and cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY,
+                describe_tiles=describe_tiles
+                and cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY
+                and not windowed,
+                windowed=windowed,
             )
         )
     return plans
+
+
+def is_windowed(cars_ds: Any) -> bool:
+    """Whether an arrays dataset takes the windowed single-writer path: it has a
+    ``final_function`` (merges each tile with what is on disk, as CARS's rasterization does).
+
+    Other arrays datasets take the grid-aligned path: each tile is one chunk, written by the
+    worker that computed it.
+    """
+    return cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY and cars_ds.final_function is not None
+
+
+def _windowed_extent(grid: np.ndarray) -> tuple[int, int]:
+    """Raster size when tiles carry no profile height/width: the grid's maxima (CARS)."""
+    if grid.size == 0:
+        return 0, 0
+    return int(grid[..., 1].max()), int(grid[..., 3].max())
 
 
 def intermediate_plan(
@@ -122,6 +148,9 @@ def intermediate_plan(
     """The plan of `out_dir/intermediate/<name>.zarr` for a replaced-only arrays dataset."""
     cars_ds = tracked.cars_ds
     if cars_ds.dataset_type != cst.CARS_DS_TYPE_ARRAY:
+        return None
+    if is_windowed(cars_ds):
+        logger.info("%s merges tiles through final_function: no intermediate product", tracked.name)
         return None
     grid = np.asarray(cars_ds.tiling_grid)
     try:
@@ -165,6 +194,7 @@ def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[
             },
             "records": [plan.records],
             "tile_size": list(plan.chunks),
+            "windowed": plan.windowed,
             "tile_grid_shape": list(plan.grid_shape),
             "extent": list(plan.extent),
             # pixel (row, col) of tile (0, 0): tile (r, c) is chunk (r + row // tile height,
@@ -180,7 +210,7 @@ def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[
 
 def _grid_origin(plan: ProductPlan, cars_ds: Any) -> list[int]:
     """Pixel (row_min, col_min) of tile (0, 0) of an arrays dataset ([0, 0] otherwise)."""
-    if plan.kind != cst.CARS_DS_TYPE_ARRAY:
+    if plan.kind != cst.CARS_DS_TYPE_ARRAY or plan.windowed:
         return [0, 0]
     grid = np.asarray(cars_ds.tiling_grid)
     return [int(grid[0, 0, 0]), int(grid[0, 0, 2])]

@@ -87,7 +87,7 @@ class Registries:
                 f"tag {tag!r} is not a valid name: use a non-empty string without '/' that does "
                 "not start with '_' or '.'"
             )
-        if tag in (cst.ROW, cst.COL, cst.BAND, "x", "y", "spatial_ref"):
+        if tag in (cst.ROW, cst.COL, cst.BAND, "spatial_ref"):
             raise ConfigurationError(f"tag {tag!r} is reserved for coordinates; rename it")
         if tag in RESERVED_NAMES:
             raise ConfigurationError(

@@ -16,9 +16,13 @@ from typing import Any
 from zarr_orch import constants as cst
 from zarr_orch.errors import TileError
 from zarr_orch.storage.product import ProductPlan, TileWrite
+from zarr_orch.storage.window_writer import merge_tile
 from zarr_orch.storage.writers import write_tile
 
 logger = logging.getLogger(__name__)
+
+#: attribute CARS tasks set when dense matching had to crop the disparity range
+CROPPED_DISPARITY_RANGE = "cropped_disparity_range"
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Receipt:
     pid: int = 0
     tile: Any = None
     empty: bool = False
+    #: the tile says dense matching cropped its disparity range (CARS's breakpoint result)
+    cropped: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -64,10 +70,16 @@ class TileSink:
             receipt.empty = True
             return receipt
         self.check_routing(tile)
-        for plan in self.plans:
-            receipt.writes[(plan.location.url, plan.records)] = write_tile(
-                plan, tile, self.row, self.col, self.what
-            )
+        inner = tile.attrs.get(cst.ATTRIBUTES)
+        receipt.cropped = isinstance(inner, dict) and bool(inner.get(CROPPED_DISPARITY_RANGE))
+        if self.plans and all(plan.windowed for plan in self.plans):
+            # one transaction over every product of the tile (storage/window_writer.py)
+            receipt.writes = merge_tile(self.plans, tile, self.row, self.col, self.what)
+        else:
+            for plan in self.plans:
+                receipt.writes[(plan.location.url, plan.records)] = write_tile(
+                    plan, tile, self.row, self.col, self.what
+                )
         receipt.seconds = time.perf_counter() - start
         if self.keep_tile:
             receipt.tile = tile

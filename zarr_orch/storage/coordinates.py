@@ -72,7 +72,7 @@ def ensure_coordinates(
     coeffs = geo.get("transform")
     if coeffs:
         x, y = pixel_centre_coords(tuple(coeffs), height, width)
-        if x is not None:
+        if x is not None and geo.get("has_xy"):  # not when tags are named x/y (point clouds)
             put("x", x, ["x"], coordinate_attrs("x", geo))
             put("y", y, ["y"], coordinate_attrs("y", geo))
     if geo.get("has_ref"):

@@ -75,6 +75,9 @@ class ProductPlan:
     checksum: bool = False
     describe_tiles: bool = False
     records: str = field(default="")
+    #: tiles carry their own windows and are merged by the main process
+    #: (`window_writer`); `chunks` is then nominal, the arrays' own grid decides
+    windowed: bool = False
 
     def __post_init__(self) -> None:
         if not self.records:
@@ -323,7 +326,7 @@ def _array_problems(group: zarr.Group, plan: ProductPlan) -> list[str]:
         if tag.name not in names:
             continue
         array = group[tag.name]
-        if tuple(array.chunks[-2:]) != tuple(plan.chunks):
+        if not plan.windowed and tuple(array.chunks[-2:]) != tuple(plan.chunks):
             problems.append(
                 f"{tag.name}: chunks {tuple(array.chunks[-2:])} != tile size {plan.chunks}"
             )
@@ -377,11 +380,24 @@ def _ensure_array(
     return _cached("array", plan.location, tag.name, opener)
 
 
-def compressors_for(codec: str, checksum: bool = False) -> Any:
-    """The zarr `compressors` argument for a conf `codec` name (+ a CRC32C checksum).
+def open_tag_array(
+    plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], tile: Any, what: str
+) -> Any:
+    """The tag's array (cached per process), created with `plan.chunks` by the first tile."""
+    return _ensure_array(plan, tag, shape, tile, what)
 
-    The checksum codec makes every reader (xarray, zarr, notebooks) fail loudly on a damaged
-    chunk instead of decoding wrong values (zstd as zarr configures it has no checksum).
+
+def open_read_array(location: Location, tag: str) -> Any:
+    """A read handle on the tag's array (cached per process); KeyError when it is absent."""
+    return _cached("read", location, tag, lambda: open_group(location, "r")[tag])
+
+
+def compressors_for(codec: str, checksum: bool = False) -> Any:
+    """The zarr `compressors` argument for a conf `codec` name (+ an opt-in CRC32C codec).
+
+    zstd frames carry their own content checksum, which every zstd decoder (zarr, xarray,
+    GDAL) verifies, so damaged chunks fail loudly in any reader; the CRC32C codec
+    (`checksum: true`) adds one for every codec but GDAL cannot read it.
     """
     from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -389,9 +405,9 @@ def compressors_for(codec: str, checksum: bool = False) -> Any:
     if codec == "none":
         chain = []
     elif codec == "zstd":
-        chain = [ZstdCodec(level=0, checksum=False)]  # zarr's default for numeric data
+        chain = [ZstdCodec(level=0, checksum=True)]
     elif codec == "zstd-1":
-        chain = [ZstdCodec(level=1)]
+        chain = [ZstdCodec(level=1, checksum=True)]
     elif codec == "blosc-lz4":
         chain = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
     else:
@@ -420,6 +436,10 @@ def crc32c_available() -> bool:
         return False
 
 
+#: names of the pixel-centre coordinates; a product saving tags of these names has none
+XY_NAMES = frozenset({"x", "y"})
+
+
 def _create_array(
     group: zarr.Group, plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], geo: dict
 ) -> None:
@@ -428,6 +448,8 @@ def _create_array(
     # bytes from racing creators; one round trip on object stores instead of one per node)
     staged = zarr.create_group(zarr.storage.MemoryStore(), zarr_format=3)
     bands = shape[0] if len(shape) == 3 else None
+    if XY_NAMES & set(plan.tag_names):  # CARS saves point clouds as tags "x", "y", "z"
+        geo = {**geo, "has_xy": False}
     ensure_coordinates(group, staged, height, width, bands, geo)
     attrs, fill_value = xarray_fill_attrs(tag.dtype, tag.nodata, len(shape))
     coords = [cst.ROW, cst.COL] if geo.get("has_xy") else []
@@ -463,7 +485,12 @@ def array_shape(plan: ProductPlan, tile: Any) -> tuple[int, int]:
 
 
 def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: str):
-    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk."""
+    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk.
+
+    A single-tile dataset may leave the window None: its tile is the whole raster (CARS).
+    """
+    if window is None and tuple(plan.grid_shape) == (1, 1):
+        window = {cst.ROW_MIN: 0, cst.ROW_MAX: shape[0], cst.COL_MIN: 0, cst.COL_MAX: shape[1]}
     try:
         r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
         c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
@@ -482,7 +509,9 @@ def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: s
     if r0 % ch or c0 % cw or r1 != min(r0 + ch, height) or c1 != min(c0 + cw, width):
         raise TileError(
             f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is not exactly one {ch}x{cw} "
-            "chunk of the product; tiles must follow the dataset's tiling grid"
+            "chunk of the product; tiles must follow the dataset's tiling grid (tiles that carry "
+            "their own, possibly overlapping, windows need the dataset's final_function to say "
+            "how they merge: set cars_ds.final_function)"
         )
     return r0 // ch, c0 // cw, (r0, r1, c0, c1)
 
@@ -578,7 +607,7 @@ def store_handle(location: Location) -> Any:
 
 def read_window(location: Location, tag: str, window: dict) -> np.ndarray:
     """The stored values of `tag` at a core window (all bands for 3-D tags)."""
-    array = _cached("read", location, tag, lambda: open_group(location, "r")[tag])
+    array = open_read_array(location, tag)
     r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
     c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
     if array.ndim == 2:

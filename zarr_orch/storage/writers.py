@@ -17,6 +17,10 @@ def write_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str) -> T
             raise TileError(
                 f"{what} is a {type(tile).__name__}; an 'arrays' dataset needs xarray.Dataset tiles"
             )
+        if plan.windowed:
+            from zarr_orch.storage.window_writer import merge_tile
+
+            return merge_tile((plan,), tile, row, col, what)[(plan.location.url, plan.records)]
         return write_arrays_tile(plan, tile, row, col, what)
     if plan.kind == cst.CARS_DS_TYPE_POINTS:
         return write_points_tile(plan, tile, row, col, what)

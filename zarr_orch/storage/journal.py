@@ -1,0 +1,134 @@
+"""Undo journal of windowed merges: a merge killed half-way is rolled back at start-up.
+
+A windowed tile (`window_writer`) read-modify-writes the chunks its window spans and its
+completion record block. Merging is not idempotent (a tile merged twice counts twice), so
+before changing anything the single writer stores the previous bytes of every key it is
+about to change, then a manifest naming them (``_zarr_orch/journal/merge.json``, one
+atomic write: its presence means "a merge may be half-applied"). It then writes the chunks,
+then the tile's record, then deletes the manifest (the commit) and the undo copies. At
+start-up `recover` puts every journaled key back as it was (absent keys are deleted) and
+removes the manifest, so the product is exactly as after the previous committed tile, and
+that tile is recomputed. Restoring is idempotent: a recovery killed itself is redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from zarr_orch.errors import StorageError
+from zarr_orch.storage.zarr_io import (
+    delete_many,
+    get_bytes,
+    get_many,
+    list_keys,
+    local_root,
+    set_many,
+)
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_PREFIX = "_zarr_orch/journal/"
+MANIFEST = JOURNAL_PREFIX + "merge.json"
+
+
+def _undo_key(index: int) -> str:
+    return f"{JOURNAL_PREFIX}{index}.undo"
+
+
+@dataclass
+class MergeJournal:
+    """The journal of one merge transaction, kept in one product's store (the first of the
+    products a tile merges into); it may name keys of several products' stores."""
+
+    store: Any
+
+    def __post_init__(self) -> None:
+        self._undo: list[str] = []
+
+    def begin(self, tile: tuple[int, int], entries: list[tuple[str, Any, str]]) -> list[Any]:
+        """Save the current bytes of every (product url, store, key) the merge will change,
+        then the manifest naming them. Returns those bytes (None for absent keys)."""
+        previous: list[bytes | None] = [None] * len(entries)
+        by_store: dict[int, list[int]] = {}
+        for index, (_url, store, _key) in enumerate(entries):
+            by_store.setdefault(id(store), []).append(index)
+        for indexes in by_store.values():
+            store = entries[indexes[0]][1]
+            values = get_many(store, [entries[i][2] for i in indexes])
+            for i, value in zip(indexes, values, strict=True):
+                previous[i] = value
+        manifest_entries = []
+        copies: dict[str, bytes] = {}
+        for index, ((url, _store, key), value) in enumerate(zip(entries, previous, strict=True)):
+            undo = None if value is None else _undo_key(index)
+            if value is not None:
+                copies[undo] = value
+            manifest_entries.append([url, key, undo])
+        set_many(self.store, copies)  # every copy is stored before the manifest names it
+        manifest = {"tile": list(tile), "entries": manifest_entries}
+        set_many(self.store, {MANIFEST: json.dumps(manifest, sort_keys=True).encode()})
+        self._undo = list(copies)
+        return previous
+
+    def commit(self, undo: list[str] | None = None) -> None:
+        """The merge is fully applied: drop the manifest first, then the undo copies."""
+        delete_many(self.store, [MANIFEST])
+        delete_many(self.store, self._undo if undo is None else undo)
+        self._undo = []
+        root = local_root(self.store)
+        if root is not None:  # no empty journal directory for zarr listings to trip on
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(root, JOURNAL_PREFIX))
+
+    def recover(self, stores: dict[str, Any]) -> tuple[int, int] | None:
+        """Roll back a merge left unfinished by a crash; returns its tile (None if none).
+
+        `stores` maps product URLs to their stores (the products of this run; the manifest
+        never holds credentials). A manifest naming a product not among them is refused.
+        """
+        raw = get_bytes(self.store, MANIFEST)
+        if raw is None:
+            stray = list_keys(self.store, JOURNAL_PREFIX)
+            if stray:  # undo copies of a merge that never began
+                self.commit(stray)
+            return None
+        try:
+            manifest = json.loads(raw)
+        except ValueError:  # torn while being written: the merge had not changed anything
+            self.commit(list_keys(self.store, JOURNAL_PREFIX))
+            return None
+        entries = manifest["entries"]
+        unknown = sorted({url for url, _key, _undo in entries if url not in stores})
+        if unknown:
+            raise StorageError(
+                f"an unfinished merge journaled in this product also changed {', '.join(unknown)}, "
+                "which this run does not register: rerun the pipeline that was interrupted "
+                "(same products) so it can be rolled back, or rerun with resume: false"
+            )
+        for url, key, undo in entries:
+            if undo is None:
+                delete_many(stores[url], [key])
+                continue
+            value = get_bytes(self.store, undo)
+            if value is None:  # undo copies are written before the manifest: tampering
+                raise StorageError(
+                    f"the merge journal names {undo} (previous bytes of {key} in {url}) but it "
+                    "is missing: the products cannot be rolled back; rerun with resume: false "
+                    "to rebuild them"
+                )
+            set_many(stores[url], {key: value})
+        tile = (int(manifest["tile"][0]), int(manifest["tile"][1]))
+        self.commit([undo for _url, _key, undo in entries if undo is not None])
+        logger.warning(
+            "rolled back the unfinished merge of tile (%d, %d): %d key(s) restored; the tile "
+            "is merged again",
+            tile[0],
+            tile[1],
+            len(entries),
+        )
+        return tile

@@ -1,0 +1,343 @@
+"""Windowed products: tiles that carry their own windows, merged by one writer.
+
+CARS's rasterization computes each tile's terrain window in the task; windows of
+neighbouring tiles overlap and the dataset's ``final_function`` merges each new tile with
+what is already on disk (``get_data``). Such tiles do not follow a chunk grid, so they are
+written like CARS's saver writes them (the core, window minus overlaps, at the window;
+``window=None`` is the whole raster; a later tile overwrites what it covers) into arrays
+with a regular chunk grid of their own: the profile's ``blockysize``/``blockxsize`` when
+it has them, else `WINDOW_CHUNK` x `WINDOW_CHUNK`. Only the main process writes them, one
+tile after the other, so the read-modify-write of partial chunks is safe; every tile's
+merge is journaled (`journal.MergeJournal`) and committed with its completion record, so a
+record means "this tile's merge is fully applied" and a killed merge is rolled back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from zarr_orch import constants as cst
+from zarr_orch.errors import StorageError, TileError
+from zarr_orch.storage import records as rec
+from zarr_orch.storage.chunk_writer import ChunkWriter
+from zarr_orch.storage.journal import MergeJournal
+from zarr_orch.storage.product import (
+    ProductPlan,
+    TagSpec,
+    TileWrite,
+    array_shape,
+    open_read_array,
+    open_tag_array,
+    store_handle,
+)
+from zarr_orch.storage.zarr_io import set_many
+
+logger = logging.getLogger(__name__)
+
+#: chunk side of windowed products whose profile names no block size
+WINDOW_CHUNK = 256
+
+
+def windowed_chunks(profile: dict[str, Any] | None) -> tuple[int, int]:
+    """The chunk shape of a windowed product: the profile's block size, else 256x256
+    (GDAL's block of a tiled GeoTIFF, as CARS's rasters have)."""
+    profile = profile or {}
+    try:
+        ch, cw = int(profile["blockysize"]), int(profile["blockxsize"])
+    except (KeyError, TypeError, ValueError):
+        return WINDOW_CHUNK, WINDOW_CHUNK
+    if ch > 0 and cw > 0:
+        return ch, cw
+    return WINDOW_CHUNK, WINDOW_CHUNK
+
+
+def tile_box(window: Any, shape: tuple[int, int], what: str) -> tuple[int, int, int, int]:
+    """(row_min, row_max, col_min, col_max) of a tile's window; None is the whole raster.
+
+    A window reaching outside the raster is refused (CARS's rasterio would fail too).
+    """
+    height, width = shape
+    if window is None:
+        return 0, height, 0, width
+    try:
+        r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
+        c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
+    except (KeyError, TypeError, ValueError):
+        raise TileError(
+            f"{what} has no valid attrs['window'] (row_min, row_max, col_min, col_max): got "
+            f"{window!r}; fill it with fill_dataset(..., window=...) or leave it None for the "
+            "whole raster"
+        ) from None
+    if r0 < 0 or c0 < 0 or r1 > height or c1 > width or r1 <= r0 or c1 <= c0:
+        raise TileError(
+            f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is outside the {height}x{width} "
+            "raster of its profile (or empty); crop the window to the raster"
+        )
+    return r0, r1, c0, c1
+
+
+def gdal_cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast values as GDAL does when CARS's rasterio writes them: NaN stays NaN in floats;
+    floats written to integers round half away from zero, clamp to the range, NaN -> 0."""
+    if data.dtype == dtype:
+        return np.ascontiguousarray(data)
+    if dtype.kind in "iub" and data.dtype.kind == "f":
+        info = np.iinfo(dtype) if dtype.kind in "iu" else None
+        values = np.where(np.isnan(data), 0, data)
+        values = np.sign(values) * np.floor(np.abs(values) + 0.5)
+        if info is not None:
+            values = np.clip(values, info.min, info.max)
+        return np.ascontiguousarray(values.astype(dtype))
+    if dtype.kind in "iu" and data.dtype.kind in "iub":
+        info = np.iinfo(dtype)
+        return np.ascontiguousarray(np.clip(data, info.min, info.max).astype(dtype))
+    return np.ascontiguousarray(data.astype(dtype))
+
+
+def _core(values: np.ndarray, overlaps: dict[str, Any]) -> np.ndarray:
+    up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
+    left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
+    h, w = values.shape[-2:]
+    return values[..., up : h - down, left : w - right]
+
+
+def _chunk_keys(array: Any, tag: str, box: tuple[int, int, int, int]) -> list[str]:
+    """Store keys of the chunks of `array` that `box` touches."""
+    r0, r1, c0, c1 = box
+    ch, cw = int(array.chunks[-2]), int(array.chunks[-1])
+    keys = []
+    for i in range(r0 // ch, (r1 - 1) // ch + 1):
+        for j in range(c0 // cw, (c1 - 1) // cw + 1):
+            index = (i, j) if array.ndim == 2 else (0, i, j)
+            keys.append(f"{tag}/{array.metadata.encode_chunk_key(index)}")
+    return keys
+
+
+@dataclass
+class _Staged:
+    """One product's part of a tile merge: its tags' data, its result, its record block."""
+
+    plan: ProductPlan
+    box: tuple[int, int, int, int]
+    tags: list[tuple[TagSpec, Any, np.ndarray]]
+    crcs: list[int]
+    result: TileWrite
+    store: Any = None
+    keys: list[str] = field(default_factory=list)
+    record_key: str = ""
+
+
+def _stage(plan: ProductPlan, tile: Any, what: str) -> _Staged:
+    """Check and cast the tile's registered tags for one product (nothing written yet)."""
+    shape2d = array_shape(plan, tile)
+    box = tile_box(tile.attrs.get(cst.WINDOW), shape2d, what)
+    r0, r1, c0, c1 = box
+    overlaps = tile.attrs.get(cst.OVERLAPS) or {}
+    layout = dataclasses.replace(plan, chunks=windowed_chunks(tile.attrs.get(cst.PROFILE)))
+    staged = _Staged(plan, box, [], [], TileWrite())
+    written, missing = [], []
+    for tag in plan.tags:
+        if tag.name not in tile:
+            missing.append(tag.name)
+            staged.crcs.append(0)
+            if not tag.optional:
+                logger.warning("%s has no tag %r: nothing saved for it", what, tag.name)
+            continue
+        values = np.asarray(tile[tag.name].values)
+        if values.ndim not in (2, 3):
+            raise TileError(
+                f"{what} tag {tag.name!r} has {values.ndim} dimensions; expected (row, col) or "
+                "(band, row, col)"
+            )
+        core = _core(values, overlaps)
+        if core.shape[-2:] != (r1 - r0, c1 - c0):
+            raise TileError(
+                f"{what} tag {tag.name!r} has shape {values.shape} which, minus overlaps, is "
+                f"{core.shape[-2:]} and disagrees with its window of {r1 - r0}x{c1 - c0}"
+            )
+        data = gdal_cast(core, np.dtype(tag.dtype))
+        full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
+        array = open_tag_array(layout, tag, full_shape, tile, what)
+        if array.ndim != data.ndim:
+            raise TileError(
+                f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
+                f"{array.ndim}"
+            )
+        staged.tags.append((tag, array, data))
+        crc = rec.checksum(data)
+        staged.crcs.append(crc)
+        staged.result.crcs[tag.name] = crc
+        staged.result.nbytes += data.nbytes
+        written.append(tag.name)
+    staged.result.tags, staged.result.missing = tuple(written), tuple(missing)
+    return staged
+
+
+def merge_tile(
+    plans: tuple[ProductPlan, ...], tile: Any, row: int, col: int, what: str
+) -> dict[tuple[str, str], TileWrite]:
+    """Merge a tile into every product of its dataset as ONE journaled transaction.
+
+    Runs in the products' single writer (the main process). The journal (in the first
+    product) holds the previous bytes of every chunk and record block the tile changes in
+    all products, so a crash leaves either none or all of them merged and recorded: a
+    final_function reading one product (weights) to merge another sees a consistent state
+    on resume. Tags registered but absent from the tile are skipped, as CARS's saver does.
+    """
+    parts = [_stage(plan, tile, what) for plan in plans]  # every check before any write
+    entries: list[tuple[str, Any, str]] = []
+    for part in parts:
+        part.store = store_handle(part.plan.location)
+        block_shape = _records_block(part.plan)
+        part.record_key = rec.block_key(
+            part.plan.records, row // block_shape[0], col // block_shape[1]
+        )
+        part.keys = [
+            k for tag, array, _ in part.tags for k in _chunk_keys(array, tag.name, part.box)
+        ]
+        url = part.plan.location.url
+        entries += [(url, part.store, key) for key in [*part.keys, part.record_key]]
+    journal = MergeJournal(parts[0].store)
+    previous = iter(journal.begin((row, col), entries))
+    for part in parts:
+        before = {key: next(previous) for key in part.keys}
+        old_block = next(previous)
+        for tag, array, data in part.tags:
+            _merge_into(part.plan, tag.name, array, data, part.box, before)
+        # the record last, into the block bytes the journal read (records are raw uint64)
+        block_shape = _records_block(part.plan)
+        values = (
+            np.zeros(block_shape, dtype="<u8")
+            if old_block is None
+            else np.frombuffer(old_block, dtype="<u8").reshape(block_shape).copy()
+        )
+        values[row % block_shape[0], col % block_shape[1], :] = np.frombuffer(
+            rec.record_bytes(part.result.nbytes, part.crcs), dtype="<u8"
+        )
+        set_many(part.store, {part.record_key: values.tobytes()})
+    journal.commit()
+    # recorded already, with the merge: no record for the background RecordWriter
+    return {(part.plan.location.url, part.plan.records): part.result for part in parts}
+
+
+def _merge_into(
+    plan: ProductPlan,
+    tag: str,
+    array: Any,
+    data: np.ndarray,
+    box: tuple[int, int, int, int],
+    before: dict[str, bytes | None],
+) -> None:
+    """Paste `data` at `box`: each touched chunk decoded from the bytes the journal read,
+    updated and re-encoded with the array's own codecs (zarr's general path otherwise)."""
+    r0, r1, c0, c1 = box
+    writer = _chunk_writer(plan, tag, array)
+    if writer is None:
+        if data.ndim == 2:
+            array[r0:r1, c0:c1] = data
+        else:
+            array[:, r0:r1, c0:c1] = data
+        return
+    height, width = (int(n) for n in array.shape[-2:])
+    ch, cw = writer.chunk_shape[-2:]
+    for i in range(r0 // ch, (r1 - 1) // ch + 1):
+        for j in range(c0 // cw, (c1 - 1) // cw + 1):
+            coords = (i, j) if data.ndim == 2 else (0, i, j)
+            chunk = _decode(writer, before.get(writer.key(coords)))
+            a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
+            b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
+            target = (slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
+            chunk[(..., *target)] = data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
+            valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
+            writer.write(coords, chunk[(..., *valid)])
+
+
+def _chunk_writer(plan: ProductPlan, tag: str, array: Any) -> ChunkWriter | None:
+    key = (plan.location.url, tag, tuple(array.chunks), str(array.dtype), repr(array.fill_value))
+    if key not in _WRITERS:
+        _WRITERS[key] = ChunkWriter.for_array(plan.location, tag, array)
+    return _WRITERS[key]
+
+
+def _decode(writer: ChunkWriter, raw: bytes | None) -> np.ndarray:
+    """A whole chunk's values from its stored bytes (the fill value when it is absent)."""
+    if raw is None:
+        return np.full(writer.chunk_shape, writer.fill, dtype=writer.dtype)
+    payload = raw
+    if writer.crc32c:
+        import google_crc32c
+
+        payload, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+        if int(google_crc32c.value(payload)) != stored:
+            raise StorageError(
+                f"a chunk of {writer.location.url}/{writer.array_path} fails its CRC32C "
+                "check: the product is damaged (zarr-orch verify lists it); rebuild it with "
+                "resume: false"
+            )
+    if writer.compress is not None:
+        from numcodecs.zstd import Zstd
+
+        payload = Zstd().decode(payload)
+    values = np.frombuffer(payload, dtype=writer.dtype.newbyteorder("<"))
+    return values.astype(writer.dtype).reshape(writer.chunk_shape)
+
+
+_WRITERS: dict[tuple[Any, ...], ChunkWriter | None] = {}
+
+
+def _records_block(plan: ProductPlan) -> tuple[int, int, int]:
+    """Shape of one block of the product's records (opened once per process)."""
+    key = (plan.location.url, plan.records, plan.grid_shape)
+    shape = _BLOCKS.get(key)
+    if shape is None:
+        records = rec.open_records(store_handle(plan.location), plan.records)
+        shape = tuple(int(n) for n in records.chunks)
+        _BLOCKS[key] = shape
+    return shape
+
+
+_BLOCKS: dict[tuple[str, str, tuple[int, int]], tuple[int, ...]] = {}
+
+
+def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.ndarray | None:
+    """What the store holds for `tag` at the tile's window (None before the tag's array exists)."""
+    try:
+        array = open_read_array(plan.location, tag)
+    except KeyError:
+        return None
+    r0, r1, c0, c1 = tile_box(tile.attrs.get(cst.WINDOW), tuple(array.shape[-2:]), what)
+    if array.ndim == 2:
+        return np.asarray(array[r0:r1, c0:c1])
+    return np.asarray(array[:, r0:r1, c0:c1])
+
+
+def recover_merges(plans: list[ProductPlan]) -> list[tuple[int, int]]:
+    """Roll back the merges a crash left unfinished in these windowed products (start-up,
+    before their records are read); returns the rolled-back tiles."""
+    stores = {plan.location.url: store_handle(plan.location) for plan in plans}
+    tiles = []
+    for url in sorted(stores):
+        tile = MergeJournal(stores[url]).recover(stores)
+        if tile is not None:
+            tiles.append(tile)
+    return tiles
+
+
+def read_merged(plan: ProductPlan, any_done: bool, tag: str, tile: Any) -> tuple[Any, Any]:
+    """get_data of a windowed product: (None, None) until a tile is merged, then the
+    tile's whole window as stored, whatever chunks it spans (as CARS's saver reads it)."""
+    spec = next((t for t in plan.tags if t.name == tag), None)
+    if not any_done or spec is None:
+        return None, None
+    info = tile.attrs.get(cst.SAVING_INFO) or {}
+    what = (
+        f"tile (row={info.get(cst.CARS_DS_ROW)}, col={info.get(cst.CARS_DS_COL)}) of "
+        f"{plan.dataset_name}"
+    )
+    data = read_window_tile(plan, tag, tile, what)
+    return (None, None) if data is None else (data, spec.nodata)
