@@ -169,6 +169,7 @@ class Orchestrator:
             "bytes": 0,
             "failed": 0,
             "seconds": 0.0,
+            "record_requests": 0,
         }
         self._closed = False
         self.callbacks: list[Callback] = default_callbacks(self._conf["progress"])
@@ -428,6 +429,7 @@ class Orchestrator:
     def _flush_records(self) -> list[tuple[str, int, int, BaseException]]:
         """Wait for the background record writes; un-book the tiles whose record failed."""
         failed = self._records.flush()
+        self._stats["record_requests"] = self._records.requests
         for url, row, col, exc in failed:
             logger.error("could not record tile (%d, %d) of %s: %s", row, col, url, exc)
             for (product_url, _records), state in self._products.items():
