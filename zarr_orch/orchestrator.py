@@ -28,7 +28,7 @@ from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
 from zarr_orch.errors import ConfigurationError, ProductError, StorageError, TaskFailedError
-from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
+from zarr_orch.interrupts import InterruptGuard, interrupt_message, interrupted, signal_of
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
@@ -295,6 +295,11 @@ class Orchestrator:
         }
 
     @property
+    def stats(self) -> dict[str, Any]:
+        """Run statistics so far: breakpoints, tiles computed, resumed, failed, bytes, ..."""
+        return dict(self._stats)
+
+    @property
     def products(self) -> dict[str, str]:
         """{file name as registered: product URL} of every product written so far."""
         return {state.file_name: url for (url, _records), state in self._products.items()}
@@ -455,8 +460,8 @@ class Orchestrator:
         for outcome in self.cluster.future_iterator(futures, timeout=timeout):
             sink = sink_of.pop(id(outcome.future))
             if self._guard is not None and self._guard.triggered:
-                self._book_if_done(outcome)
-                self._stop_for_signal(summary, len(sink_of))
+                self._book_if_done(sink, outcome, summary)
+                self._stop_for_signal(summary)
             if outcome.attempts > 1:
                 summary.retried += 1
                 self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
@@ -468,21 +473,18 @@ class Orchestrator:
                 continue
             self._done_tile(sink, receipt, summary)
 
-    def _book_if_done(self, outcome: Outcome) -> None:
-        """Book a tile that finished while we were being interrupted (it is on disk)."""
+    def _book_if_done(self, sink: TileSink, outcome: Outcome, summary: StageSummary) -> None:
+        """Book (and count) a tile that finished while we were being interrupted: it is on
+        disk, so the summary the user reads must include it."""
         if outcome.ok and isinstance(outcome.value, Receipt):
-            self._book(outcome.value)
+            self._done_tile(sink, outcome.value, summary)
 
-    def _stop_for_signal(self, summary: StageSummary, pending: int) -> None:
-        """Stop the workers and raise Interrupted with one line saying how far we got."""
+    def _stop_for_signal(self, summary: StageSummary) -> None:
+        """Stop the workers, write the records, raise Interrupted with one line of counts."""
         signum = self._guard.signum if self._guard is not None else signal.SIGINT
         self.cluster.cleanup()  # abandons in-flight tiles: no record is ever written first
-        done_total = sum(len(state.done) for state in self._products.values())
-        message = (
-            f"interrupted by {signal.Signals(signum).name}: {summary.done}/{summary.total} "
-            f"tiles of {summary.name} computed, {done_total} tiles recorded in total; "
-            f"{pending} not started. Run the same command again to resume"
-        )
+        unrecorded = len(self._flush_records())  # the counts below are what is on disk
+        message = interrupt_message(signum, summary, unrecorded)
         logger.warning(message)
         self._interrupted = True
         raise interrupted(message, signum)
