@@ -187,8 +187,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 f"{stats.get('bytes', 0) / 1e6:.1f} MB in {stats.get('seconds', 0):.1f} s "
                 f"over {stats.get('breakpoints', 0)} breakpoint(s)"
             )
-        if meta.get("log_file"):
-            print(f"  log: {meta['log_file']}")
+        if run.log_file:
+            print(f"  log: {run.log_file}")
         for failed in (meta.get("failed_tiles") or [])[:5]:
             print(
                 f"  failed: tile ({failed.get('row')}, {failed.get('col')}) of "

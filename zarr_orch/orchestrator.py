@@ -52,6 +52,7 @@ from zarr_orch.storage.product import (
 )
 from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
+from zarr_orch.storage.run_dir import place
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class Orchestrator:
             "stats": dict(self._stats),
             "products": {
                 state.file_name: {
-                    "url": url,
+                    **place(self.out_dir, url),
                     "kind": state.plan.kind,
                     "dataset": state.plan.dataset_name,
                     "tags": list(state.plan.tag_names),
@@ -287,7 +288,11 @@ class Orchestrator:
                 }
                 for (url, _records), state in self._products.items()
             },
-            "log_file": self._runlog.url if self._runlog is not None else None,
+            "log_file": (
+                next(iter(place(self.out_dir, self._runlog.url).values()))
+                if self._runlog is not None
+                else None
+            ),
             "failed_tiles": [
                 {"dataset": name, "row": row, "col": col, "error": error}
                 for (name, row, col), error in self._failed_tiles.items()

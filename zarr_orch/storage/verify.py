@@ -45,6 +45,7 @@ from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.location import Location
+from zarr_orch.storage.run_dir import listed_products
 from zarr_orch.storage.zarr_io import delete_key, get_many, list_keys, local_root
 
 logger = logging.getLogger(__name__)
@@ -718,22 +719,20 @@ def find_products(location: Location) -> list[Location]:
             for sub in _subdirectories(child):
                 if sub.lower().endswith(".zarr"):
                     found.setdefault(child.join(sub).url, child.join(sub))
-    for url in _listed_products(location):
-        if url not in found:
-            other = Location.parse(url, location.storage_options or None)
-            if other.exists():
-                found[other.url] = other
+    for _name, other in listed_products(location, _read_metadata(location)):
+        if other.url not in found and other.exists():
+            found[other.url] = other
     return list(found.values())
 
 
-def _listed_products(location: Location) -> Iterable[str]:
-    """Product URLs from the run's metadata.json (nothing when absent or unreadable)."""
+def _read_metadata(location: Location) -> dict[str, Any] | None:
+    """The run's metadata.json (None when absent or unreadable: the products are still
+    checked). Its product entries resolve in `location`, never where the run was written."""
     try:
         meta = json.loads(location.join(METADATA_FILE).read_text())
-        products = meta["zarr_orch"]["products"]
-        return [p["url"] for p in products.values() if isinstance(p.get("url"), str)]
     except Exception:  # a damaged metadata.json must not stop the check of the products
-        return []
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _subdirectories(location: Location) -> list[str]:
