@@ -42,6 +42,7 @@ import zarr
 from zarr.core.sync import sync
 
 from zarr_orch import constants as cst
+from zarr_orch.commands import cli_command, shell_join
 from zarr_orch.errors import ProductError
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.location import Location
@@ -103,6 +104,8 @@ class VerifyReport:
     repaired: list[tuple[str, int, int]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: what was verified (a run directory or one product): the hint names it
+    target: str = ""
 
     @property
     def ok(self) -> bool:
@@ -134,8 +137,11 @@ class VerifyReport:
                 "pipeline (resume on) to recompute exactly those tiles"
             )
         elif not self.ok:
+            command = f"{cli_command()} verify --repair"
+            if self.target:
+                command += f" {shell_join(self.target)}"
             lines.append(
-                "run again with repair (zarr-orch verify --repair) to forget the records "
+                f"run again with repair ({command}) to forget the records "
                 "of these tiles, then rerun the pipeline to recompute them"
             )
         return "\n".join(lines)
@@ -175,6 +181,7 @@ def verify_product(
     report = checker.run()
     if repair:
         checker.repair(report)
+    report.target = location.url
     report.seconds = time.perf_counter() - start
     logger.info(
         "verified %s: %d records, %d problem(s)", location.url, report.checked, len(report.bad)
@@ -703,6 +710,7 @@ def verify_run(
     finally:
         if lease is not None:
             lease.release()
+    report.target = location.url
     report.seconds = time.perf_counter() - start
     return report
 
