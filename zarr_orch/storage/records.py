@@ -121,6 +121,8 @@ def read_records(store: Any, name: str) -> Iterator[tuple[int, int, np.ndarray]]
         parts = key[len(prefix) :].split("/")
         if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[2] == "0":
             blocks.append((int(parts[0]), int(parts[1])))
+        elif key.endswith(".partial"):  # a block being written right now (atomic rename)
+            logger.debug("ignoring %s: a records block being written", key)
         else:  # a stray file in the product: not a record (zarr-orch verify)
             logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix) :])
     blocks.sort()
