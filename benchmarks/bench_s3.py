@@ -6,10 +6,12 @@ Cases, all writing to the same moto endpoint:
 - plain: the main process creates the array, then computes each tile and writes it with
   ``array[window] = tile`` (timed from array creation to the last tile);
 - zarr_orch in sequential and multiprocessing modes (2 workers): the whole breakpoint is
-  timed (product + records creation, tasks, one chunk per tile + one records block a second,
-  metadata); Orchestrator construction (S3 preflight, worker start) is setup.
+  timed (product + records creation, tasks, one chunk per tile + the records blocks,
+  written at most every --floor seconds, metadata); Orchestrator construction (S3 preflight, worker start) is setup.
 Each case runs `--repeat` times into a fresh prefix; the table shows medians. MB/s counts
-uncompressed bytes; ratio = plain wall / case wall (>= 1 is as fast as the plain loop).
+uncompressed bytes; ratio = plain wall / case wall (>= 1 is as fast as the plain loop);
+record req/tile = store requests spent on completion records per tile (a read and a write
+per block write, one open per product and breakpoint).
 
 Run: python benchmarks/bench_s3.py [--size 4096] [--tiles 512 1024] [--repeat 3]
 The moto_server of this Python environment is started on 127.0.0.1 and stopped by PID.

@@ -29,21 +29,25 @@ def unguarded_main_line() -> tuple[str, int] | None:
     if main is None or not path or not os.path.isfile(path):
         return None
     frame = inspect.currentframe()
-    line = None
+    line, code = None, None
     try:
         while frame is not None:
             if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):
-                line = frame.f_lineno
+                line, code = frame.f_lineno, frame.f_code
                 break
             frame = frame.f_back
     finally:
         del frame
-    if line is None:
+    if line is None or code is None:
         return None
     try:
         with open(path, encoding="utf-8") as handle:
-            tree = ast.parse(handle.read(), filename=path)
+            source = handle.read()
+        tree = ast.parse(source, filename=path)
+        running = compile(tree, path, "exec", dont_inherit=True).co_code == code.co_code
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    if not running:  # the file changed since it started: its lines say nothing certain
         return None
     guards = [
         node for node in ast.walk(tree) if isinstance(node, ast.If) and _mentions_name(node.test)
