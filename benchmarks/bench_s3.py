@@ -7,7 +7,8 @@ Cases, all writing to the same moto endpoint:
   ``array[window] = tile`` (timed from array creation to the last tile);
 - zarr_orch in sequential and multiprocessing modes (2 workers): the whole breakpoint is
   timed (product + records creation, tasks, one chunk per tile + the records blocks,
-  written at most every --floor seconds, metadata); Orchestrator construction (S3 preflight, worker start) is setup.
+  written at most every --floor seconds, metadata); Orchestrator construction (S3
+  preflight, worker start) is setup.
 Each case runs `--repeat` times into a fresh prefix; the table shows medians. MB/s counts
 uncompressed bytes; ratio = plain wall / case wall (>= 1 is as fast as the plain loop);
 record req/tile = store requests spent on completion records per tile (a read and a write
