@@ -52,7 +52,7 @@ from zarr_orch.storage.product import (
 )
 from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
-from zarr_orch.storage.run_dir import place
+from zarr_orch.storage.run_dir import name_in, place
 
 logger = logging.getLogger(__name__)
 
@@ -289,9 +289,7 @@ class Orchestrator:
                 for (url, _records), state in self._products.items()
             },
             "log_file": (
-                next(iter(place(self.out_dir, self._runlog.url).values()))
-                if self._runlog is not None
-                else None
+                name_in(self.out_dir, self._runlog.url) if self._runlog is not None else None
             ),
             "failed_tiles": [
                 {"dataset": name, "row": row, "col": col, "error": error}

@@ -34,6 +34,12 @@ def place(out_url: str, url: str) -> dict[str, str]:
     return {"path": path} if path is not None else {"url": url}
 
 
+def name_in(out_url: str, url: str) -> str:
+    """`url` as a run directory records it: its relative path inside out_dir, else itself."""
+    path = relative_path(out_url, url)
+    return path if path is not None else url
+
+
 def entry_location(out: Location, entry: Any, written_to: str | None) -> Location | None:
     """Where a metadata.json location entry (``{"path"}`` or ``{"url"}``) is, seen from the
     run directory `out`; `written_to` is the out_dir the metadata names (for old entries).
