@@ -210,8 +210,10 @@ class RecordWriter:
     pending as soon as its previous write has finished: a batch is what arrived meanwhile
     (large under load, one tile when idle), merged into its 32x32-tile blocks, each block
     one whole-chunk write (atomic). A kill therefore loses only the records of tiles that
-    finished during the last write, not a fixed interval's worth. On object stores writes of
-    one product start at most every `write_floor` seconds (requests cost there). `flush`
+    finished during the last write, not a fixed interval's worth. Between two writes of a
+    product the thread rests at least as long as the last one took (so records never take
+    more than half a core from the main process), and on object stores writes of one
+    product start at most every `write_floor` seconds (requests cost there). `flush`
     writes everything now and returns the tiles whose record could not be written (their
     data stays; a rerun redoes them).
     """
@@ -225,8 +227,9 @@ class RecordWriter:
         self._pending: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
         self._locations: dict[str, Any] = {}
         self._floors: dict[str, float] = {}
-        #: url -> monotonic time the last write of its records started
+        #: url -> monotonic time the last write of its records started, and its duration
         self._last: dict[str, float] = {}
+        self._spent: dict[str, float] = {}
         #: records arrays opened since the last flush (a later breakpoint may recreate one)
         self._arrays: dict[tuple[str, str], Any] = {}
         self._failed: list[tuple[str, int, int, BaseException]] = []
@@ -276,7 +279,8 @@ class RecordWriter:
         with self._lock:
             for key in list(self._pending):
                 url = key[0]
-                due = self._last[url] + self._floors[url]
+                # the writer rests as long as it last worked: at most half a core on records
+                due = self._last[url] + max(self._floors[url], 2 * self._spent.get(url, 0.0))
                 if due_only and due > now:
                     wait = due - now if wait is None else min(wait, due - now)
                     continue
@@ -292,6 +296,7 @@ class RecordWriter:
         """
         with self._io:  # taken first: a flush waits for the background write in progress
             pending, wait = self._take(due_only)
+            started = time.monotonic()
             for (url, name), tiles in pending.items():
                 try:
                     array = self._array(url, name)
@@ -304,6 +309,10 @@ class RecordWriter:
                         self.counts["block_writes"] += 1
                     except Exception as exc:
                         self._failed.extend((url, r, c, exc) for r, c in members)
+            spent = time.monotonic() - started
+            with self._lock:
+                for url in {key[0] for key in pending}:
+                    self._spent[url] = spent
         return wait
 
     def _array(self, url: str, name: str) -> Any:
