@@ -292,28 +292,55 @@ class RecordWriter:
     def _write_pending(self, due_only: bool = False) -> float | None:
         """Write the pending records (only those past their floor when `due_only`).
 
-        Returns the seconds until the records left pending are due, or None.
+        A background write that fails puts its records back in the queue, retried a second
+        later and by `flush` (a full disk may have room again); only a failed `flush` write
+        reports them failed. Returns the seconds until the records left pending are due.
         """
         with self._io:  # taken first: a flush waits for the background write in progress
             pending, wait = self._take(due_only)
             started = time.monotonic()
+            retry: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
             for (url, name), tiles in pending.items():
                 try:
                     array = self._array(url, name)
                 except Exception as exc:
-                    self._failed.extend((url, r, c, exc) for r, c in tiles)
+                    self._failed_write(url, name, tiles, list(tiles), exc, due_only, retry)
                     continue
                 for block, members in tiles_by_block(array, tiles).items():
                     try:
                         rewrite_block(array, block, {t: tiles[t] for t in members})
                         self.counts["block_writes"] += 1
                     except Exception as exc:
-                        self._failed.extend((url, r, c, exc) for r, c in members)
+                        self._failed_write(url, name, tiles, members, exc, due_only, retry)
             spent = time.monotonic() - started
             with self._lock:
                 for url in {key[0] for key in pending}:
                     self._spent[url] = spent
+                for key, tiles in retry.items():
+                    self._spent[key[0]] = max(spent, 0.5)  # retry after about a second
+                    queued = self._pending.setdefault(key, {})
+                    for tile, values in tiles.items():
+                        queued.setdefault(tile, values)
+        if retry:
+            wait = 1.0 if wait is None else min(wait, 1.0)
         return wait
+
+    def _failed_write(
+        self,
+        url: str,
+        name: str,
+        tiles: dict[tuple[int, int], np.ndarray],
+        members: list[tuple[int, int]],
+        exc: BaseException,
+        background: bool,
+        retry: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]],
+    ) -> None:
+        """Queue `members` again (background write) or report them failed (flush)."""
+        if background:
+            logger.debug("records write to %s failed (%s): retrying", url, exc)
+            retry.setdefault((url, name), {}).update({t: tiles[t] for t in members})
+        else:
+            self._failed.extend((url, r, c, exc) for r, c in members)
 
     def _array(self, url: str, name: str) -> Any:
         """The records array, opened once per breakpoint: a product reset (overwrite) by a
