@@ -9,7 +9,8 @@ Pipeline: an 8192x8192 float32 raster (256 MiB), a 3x3 mean per tile, tiles of 1
 - an xarray `to_zarr(region=...)` loop and a plain per-tile zarr write loop (main process).
 Each case runs `--repeat` times (median reported); MB/s counts uncompressed bytes; ovh
 ms/tile = (wall - serial compute time / workers) / tiles; peak RSS is this process's peak
-above its RSS at the case start (sampled every 5 ms).
+above its RSS at the case start (sampled every 5 ms); record req/tile = store requests spent
+on completion records per tile (zarr_orch cases).
 
 Run: python benchmarks/bench_parallel.py [--size 8192] [--repeat 3] [--big] [--graph]
 `--big` adds the memory case: a 4 GiB saved-only raster (32768^2 float32, tile 1024) in
@@ -98,7 +99,9 @@ def case_zarr_orch(mode: str, size: int, tile: int, codec: str, out: str) -> Cal
     warm_up(orch)
 
     def run() -> None:
+        before = orch.stats["record_requests"]
         tiles.save_mean(orch, "mean.zarr", size, tile)
+        run.record_requests = orch.stats["record_requests"] - before  # type: ignore[attr-defined]
 
     def close() -> None:
         orch.__exit__(None, None, None)
@@ -248,7 +251,7 @@ def measure(
     workers: int,
     compute_s: float,
 ) -> dict[str, Any]:
-    walls, rss = [], []
+    walls, rss, requests = [], [], []
     for _ in range(repeat):
         out = tempfile.mkdtemp(prefix="zo_bench_", dir=os.environ.get("BENCH_DIR"))
         try:
@@ -260,6 +263,7 @@ def measure(
                 run()
                 walls.append(time.perf_counter() - start)
             rss.append(peak.delta_mib)
+            requests.append(getattr(run, "record_requests", 0))
             run.close()  # type: ignore[attr-defined]
             check(out, size, tile)
         finally:
@@ -275,6 +279,7 @@ def measure(
         "ms_tile": wall / ntiles * 1e3,
         "ovh": max(0.0, wall - compute_s / workers) / ntiles * 1e3,
         "rss": statistics.median(rss),
+        "req_tile": statistics.median(requests) / ntiles,
     }
 
 
@@ -323,9 +328,9 @@ def main() -> None:
             )
             print(
                 "| case | wall s (min-max) | MB/s | ms/tile | ovh ms/tile | peak dRSS MiB "
-                "| x dask-threads | x dask-distributed | x zarr-loop |"
+                "| x dask-threads | x dask-distributed | x zarr-loop | record req/tile |"
             )
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for r in results:
                 ratios = [
                     f"{r['mbs'] / base[name]:.2f}" if name in base else "-"
@@ -334,7 +339,7 @@ def main() -> None:
                 print(
                     f"| {r['case']} | {r['wall']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | "
                     f"{r['mbs']:.0f} | {r['ms_tile']:.2f} | {r['ovh']:.2f} | {r['rss']:.0f} | "
-                    f"{' | '.join(ratios)} |"
+                    f"{' | '.join(ratios)} | {r['req_tile']:.2f} |"
                 )
             sys.stdout.flush()
     if args.big:

@@ -6,10 +6,13 @@ Cases, all writing to the same moto endpoint:
 - plain: the main process creates the array, then computes each tile and writes it with
   ``array[window] = tile`` (timed from array creation to the last tile);
 - zarr_orch in sequential and multiprocessing modes (2 workers): the whole breakpoint is
-  timed (product + records creation, tasks, one chunk per tile + one records block a second,
-  metadata); Orchestrator construction (S3 preflight, worker start) is setup.
+  timed (product + records creation, tasks, one chunk per tile + the records blocks,
+  written at most every --floor seconds, metadata); Orchestrator construction (S3
+  preflight, worker start) is setup.
 Each case runs `--repeat` times into a fresh prefix; the table shows medians. MB/s counts
-uncompressed bytes; ratio = plain wall / case wall (>= 1 is as fast as the plain loop).
+uncompressed bytes; ratio = plain wall / case wall (>= 1 is as fast as the plain loop);
+record req/tile = store requests spent on completion records per tile (a read and a write
+per block write, one open per product and breakpoint).
 
 Run: python benchmarks/bench_s3.py [--size 4096] [--tiles 512 1024] [--repeat 3]
 The moto_server of this Python environment is started on 127.0.0.1 and stopped by PID.
@@ -38,6 +41,7 @@ import tiles
 
 from zarr_orch import Orchestrator
 from zarr_orch.cluster.base import AbstractCluster
+from zarr_orch.storage import records
 
 HOST = "127.0.0.1"
 KEY, SECRET = "benchkey", "benchsecret"
@@ -117,7 +121,9 @@ def case_orch(mode: str, size: int, tile: int, url: str, options: dict[str, Any]
     save_mean(orch, "warmup.zarr", 64, 32)
 
     def run() -> None:
+        before = orch.stats["record_requests"]
         save_mean(orch, "mean.zarr", size, tile)
+        run.record_requests = orch.stats["record_requests"] - before  # type: ignore[attr-defined]
 
     run.close = lambda: orch.__exit__(None, None, None)  # type: ignore[attr-defined]
     return run
@@ -143,7 +149,15 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["sequential", "multiprocessing"])
+    parser.add_argument(
+        "--floor",
+        type=float,
+        default=None,
+        help="seconds between two records writes on S3 (default: records.OBJECT_STORE_FLOOR)",
+    )
     args = parser.parse_args()
+    if args.floor is not None:
+        records.OBJECT_STORE_FLOOR = args.floor
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     # one-time imports (xarray loads dask.array on its first Dataset) are not per-run costs
     tiles.orch_tile({"row_min": 0, "row_max": 4, "col_min": 0, "col_max": 4}, {}, (4, 4))
@@ -160,6 +174,7 @@ def main() -> None:
         for tile in args.tiles:
             ntiles = len(windows(args.size, tile))
             walls: dict[str, list[float]] = {}
+            requests: dict[str, list[int]] = {}
             for rep in range(args.repeat):
                 for case in ["plain", *modes]:
                     prefix = f"s3://{bucket}/{case}-{tile}-{rep}"
@@ -172,6 +187,7 @@ def main() -> None:
                     start = time.perf_counter()
                     run()
                     walls.setdefault(case, []).append(time.perf_counter() - start)
+                    requests.setdefault(case, []).append(getattr(run, "record_requests", 0))
                     if hasattr(run, "close"):
                         run.close()
                     check(url, options, args.size, tile)
@@ -192,18 +208,23 @@ def main() -> None:
                         plain / wall,
                         min(values),
                         max(values),
+                        statistics.median(requests[case]) / ntiles,
                     )
                 )
         print(
             f"\nS3 (moto_server on {HOST}), {args.size}x{args.size} float32 "
-            f"({mbytes:.0f} MB), zstd, medians of {args.repeat} runs\n"
+            f"({mbytes:.0f} MB), zstd, medians of {args.repeat} runs, records floor "
+            f"{records.OBJECT_STORE_FLOOR} s\n"
         )
-        print("| case | tile | tiles | wall s (min-max) | MB/s | ms/tile | ratio vs plain |")
-        print("|---|---|---|---|---|---|---|")
-        for case, tile, ntiles, wall, mbs, ms, ratio, lo, hi in rows:
+        print(
+            "| case | tile | tiles | wall s (min-max) | MB/s | ms/tile | ratio vs plain "
+            "| record req/tile |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for case, tile, ntiles, wall, mbs, ms, ratio, lo, hi, req in rows:
             print(
                 f"| {case} | {tile} | {ntiles} | {wall:.2f} ({lo:.2f}-{hi:.2f}) | {mbs:.0f} "
-                f"| {ms:.1f} | {ratio:.2f}x |"
+                f"| {ms:.1f} | {ratio:.2f}x | {req:.2f} |"
             )
     finally:
         stop_moto(proc)

@@ -269,7 +269,7 @@ def _assert_no_record_without_data(product: Path) -> set[tuple[int, int]]:
     return done
 
 
-def test_disk_full_fails_the_tiles_it_hits_and_a_rerun_with_room_completes(tmp_path):
+def test_disk_full_fails_the_tiles_it_hits_and_a_rerun_with_room_completes(tmp_path, caplog):
     with tmpfs(tmp_path / "small", "160k") as mount:
         out = mount / "out"
         out.mkdir()
@@ -286,10 +286,16 @@ def test_disk_full_fails_the_tiles_it_hits_and_a_rerun_with_room_completes(tmp_p
         failed = {(row, col) for _, row, col, _ in info.value.failures}
         assert first in failed and f"task for tile (row={first[0]}, col={first[1]})" in message
         done = _assert_no_record_without_data(out / "ds.zarr")
-        assert done and not done & failed and len(done | failed) == 16
+        assert done and not done & failed
+        # tiles written while records blocks are rewritten (group commit) may find no room
+        # for their record either: logged, not recorded, recomputed by the rerun
+        unrecorded = 16 - len(done | failed)
+        logged = [r for r in caplog.records if r.getMessage().startswith("could not record tile")]
+        assert len(logged) == unrecorded
         remount(mount, "size=8m")  # the roomier location
         orch = _random_run(out)
-        assert orch._stats["tiles"] == len(failed) and orch._stats["resumed"] == len(done)
+        assert orch._stats["tiles"] == len(failed) + unrecorded
+        assert orch._stats["resumed"] == len(done)
         assert _assert_no_record_without_data(out / "ds.zarr") == {
             (r, c) for r in range(4) for c in range(4)
         }

@@ -239,7 +239,7 @@ def test_records_record_and_forget_tiles(tmp_path):
     data = np.arange(6, dtype="float32")
     store = group.store
     location = Location.parse(str(tmp_path / "r.zarr"))
-    writer = rec.RecordWriter(interval=3600)
+    writer = rec.RecordWriter(floor=3600)
     writer.submit(
         location, 1, 2, ("tiles_x", rec.record_bytes(data.nbytes, [rec.checksum(data), 5]))
     )

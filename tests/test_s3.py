@@ -113,7 +113,8 @@ def test_cars_app_on_s3_matches_local(mode, moto_server, s3_bucket, s3_options, 
     meta = json.loads(remote.join("metadata.json").read_text())
     info = meta["zarr_orch"]
     assert info["out_dir"] == url
-    assert info["products"]["stage2.tif"]["url"] == f"{url}/stage2.zarr"
+    assert info["products"]["stage2.tif"]["path"] == "stage2.zarr"
+    assert "url" not in info["products"]["stage2.tif"]  # relative: the run can be moved
     assert info["products"]["stage2.tif"]["tiles_done"] == 4
     assert info["conf"]["storage_options"]["secret"] == "***"
 

@@ -120,17 +120,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.out, conf or None, size=args.size, tile=args.tile)
     print(
         f"demo done: {result.tiles} tiles of {result.tile}x{result.tile} px per stage, "
-        f"{result.size}x{result.size} raster"
+        f"{result.size}x{result.size} raster; this run computed {result.computed} tiles and "
+        f"resumed {result.resumed} done by an earlier run"
     )
     print(f"products in {result.out_dir}:")
     for file_name, url in result.products.items():
         print(f"  {url}    (registered as {file_name})")
-    print(f"see how far it got with: zarr-orch status {result.out_dir}")
-    print(
-        f'open one with: python -c "import zarr_orch; '
-        f"print(zarr_orch.open_product('{next(iter(result.products.values()))}'))\""
-    )
+    for line in demo_hints(result.out_dir, next(iter(result.products.values()))):
+        print(line)
     return 0
+
+
+def demo_hints(out_dir: str, product: str) -> list[str]:
+    """What to run next, as commands that work when copied (none for in-memory products:
+    they ended with this process)."""
+    from zarr_orch.commands import cli_command, python_command, shell_join
+
+    if out_dir.startswith("memory://"):
+        return [
+            "the products were in this process's memory (memory://) and are gone now that "
+            "the demo has ended; use --out DIR (or an object store URL) to keep them"
+        ]
+    code = f"import zarr_orch; print(zarr_orch.open_product({json.dumps(product)}))"
+    return [
+        f"see how far it got with: {cli_command()} status {shell_join(out_dir)}",
+        f"open one with: {python_command()} -c {shell_join(code)}",
+    ]
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -174,8 +189,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 f"{stats.get('bytes', 0) / 1e6:.1f} MB in {stats.get('seconds', 0):.1f} s "
                 f"over {stats.get('breakpoints', 0)} breakpoint(s)"
             )
-        if meta.get("log_file"):
-            print(f"  log: {meta['log_file']}")
+        if run.log_file:
+            print(f"  log: {run.log_file}")
         for failed in (meta.get("failed_tiles") or [])[:5]:
             print(
                 f"  failed: tile ({failed.get('row')}, {failed.get('col')}) of "

@@ -35,6 +35,9 @@ class DemoResult:
     size: int
     tile: int
     tiles: int
+    #: tiles this run computed, and tiles it found done by an earlier run (both stages)
+    computed: int = 0
+    resumed: int = 0
 
 
 def terrain(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -180,4 +183,13 @@ def run_demo(
         orchestrator.update_out_info({"demo": {"size": size, "tile": tile}})
         products = dict(orchestrator.products)
         location = orchestrator.out_dir
-    return DemoResult(location, products, size, tile, dem.shape[0] * dem.shape[1])
+    stats = orchestrator.stats
+    return DemoResult(
+        location,
+        products,
+        size,
+        tile,
+        dem.shape[0] * dem.shape[1],
+        computed=stats["tiles"],
+        resumed=stats["resumed"],
+    )

@@ -30,6 +30,24 @@ def interrupted(message: str, signum: int) -> KeyboardInterrupt:
     return exc
 
 
+def interrupt_message(signum: int, summary: Any, unrecorded: int = 0) -> str:
+    """The one line saying how far an interrupted breakpoint got, in numbers that add up.
+
+    `summary` is the breakpoint's `StageSummary`: computed + failed + left = its total, and a
+    rerun reports the computed (and recorded) tiles plus those resumed now as resumed.
+    """
+    recorded = summary.done - unrecorded
+    left = summary.total - recorded - summary.failed
+    earlier = f" ({summary.resumed} more were done by an earlier run)" if summary.resumed else ""
+    failed = f", {summary.failed} failed" if summary.failed else ""
+    return (
+        f"interrupted by {signal.Signals(signum).name}: {recorded}/{summary.total} tiles of "
+        f"{summary.name} computed and recorded{earlier}{failed}; {left} left to compute. "
+        f"Run the same command again to resume: it skips the {recorded + summary.resumed} "
+        "done tiles of this breakpoint"
+    )
+
+
 def signal_of(exc: BaseException | None) -> int | None:
     """The signal that caused an `interrupted` exception, else None."""
     return getattr(exc, "signum", None) if isinstance(exc, KeyboardInterrupt) else None

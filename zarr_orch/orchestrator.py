@@ -41,7 +41,7 @@ from zarr_orch.errors import (
     TileError,
 )
 from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
-from zarr_orch.interrupts import InterruptGuard, interrupted, signal_of
+from zarr_orch.interrupts import InterruptGuard, interrupt_message, interrupted, signal_of
 from zarr_orch.progress import Callback, StageSummary, default_callbacks
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
@@ -67,6 +67,7 @@ from zarr_orch.storage.product import (
 )
 from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
+from zarr_orch.storage.run_dir import name_in, place
 from zarr_orch.storage.window_writer import read_merged, recover_merges
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class Orchestrator(CarsApiMixin):
             "bytes": 0,
             "failed": 0,
             "seconds": 0.0,
+            "record_requests": 0,
         }
         self._closed = False
         self._cropped = False
@@ -273,7 +275,7 @@ class Orchestrator(CarsApiMixin):
             "stats": dict(self._stats),
             "products": {
                 state.file_name: {
-                    "url": url,
+                    **place(self.out_dir, url),
                     "kind": state.plan.kind,
                     "dataset": state.plan.dataset_name,
                     "tags": list(state.plan.tag_names),
@@ -282,12 +284,19 @@ class Orchestrator(CarsApiMixin):
                 }
                 for (url, _records), state in self._products.items()
             },
-            "log_file": self._runlog.url if self._runlog is not None else None,
+            "log_file": (
+                name_in(self.out_dir, self._runlog.url) if self._runlog is not None else None
+            ),
             "failed_tiles": [
                 {"dataset": name, "row": row, "col": col, "error": error}
                 for (name, row, col), error in self._failed_tiles.items()
             ],
         }
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Run statistics so far: breakpoints, tiles computed, resumed, failed, bytes, ..."""
+        return dict(self._stats)
 
     @property
     def products(self) -> dict[str, str]:
@@ -455,6 +464,7 @@ class Orchestrator(CarsApiMixin):
     def _flush_records(self) -> list[tuple[str, int, int, BaseException]]:
         """Wait for the background record writes; un-book the tiles whose record failed."""
         failed = self._records.flush()
+        self._stats["record_requests"] = self._records.requests
         for url, row, col, exc in failed:
             logger.error("could not record tile (%d, %d) of %s: %s", row, col, url, exc)
             for (product_url, _records), state in self._products.items():
@@ -480,8 +490,8 @@ class Orchestrator(CarsApiMixin):
         for outcome in self.cluster.outcome_iterator(futures, timeout=timeout):
             sink = sink_of.pop(id(outcome.future))
             if self._guard is not None and self._guard.triggered:
-                self._book_if_done(outcome)
-                self._stop_for_signal(summary, len(sink_of))
+                self._book_if_done(sink, outcome, summary)
+                self._stop_for_signal(summary)
             if outcome.attempts > 1:
                 summary.retried += 1
                 self._emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
@@ -514,21 +524,18 @@ class Orchestrator(CarsApiMixin):
             return
         self._done_tile(sink, receipt, summary)
 
-    def _book_if_done(self, outcome: Outcome) -> None:
-        """Book a tile that finished while we were being interrupted (it is on disk)."""
+    def _book_if_done(self, sink: TileSink, outcome: Outcome, summary: StageSummary) -> None:
+        """Book (and count) a tile that finished while we were being interrupted: it is on
+        disk, so the summary the user reads must include it."""
         if outcome.ok and isinstance(outcome.value, Receipt):
-            self._book(outcome.value)
+            self._done_tile(sink, outcome.value, summary)
 
-    def _stop_for_signal(self, summary: StageSummary, pending: int) -> None:
-        """Stop the workers and raise Interrupted with one line saying how far we got."""
+    def _stop_for_signal(self, summary: StageSummary) -> None:
+        """Stop the workers, write the records, raise Interrupted with one line of counts."""
         signum = self._guard.signum if self._guard is not None else signal.SIGINT
         self.cluster.cleanup()  # abandons in-flight tiles: no record is ever written first
-        done_total = sum(len(state.done) for state in self._products.values())
-        message = (
-            f"interrupted by {signal.Signals(signum).name}: {summary.done}/{summary.total} "
-            f"tiles of {summary.name} computed, {done_total} tiles recorded in total; "
-            f"{pending} not started. Run the same command again to resume"
-        )
+        unrecorded = len(self._flush_records())  # the counts below are what is on disk
+        message = interrupt_message(signum, summary, unrecorded)
         logger.warning(message)
         self._interrupted = True
         raise interrupted(message, signum)

@@ -162,8 +162,14 @@ def metadata_entry(
     products = ((metadata or {}).get("zarr_orch") or {}).get("products") or {}
     if not isinstance(products, dict):
         return None
+    where = location.url.replace("\\", "/")
     for entry in products.values():
-        if isinstance(entry, dict) and entry.get("url") == location.url:
+        if not isinstance(entry, dict):
+            continue
+        path = entry.get("path")  # relative to the run directory holding the metadata
+        if entry.get("url") == location.url or (
+            isinstance(path, str) and path and where.endswith("/" + path.strip("/"))
+        ):
             return entry
     entry = products.get(info.get("file_name"))
     return entry if isinstance(entry, dict) else None

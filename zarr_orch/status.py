@@ -31,6 +31,7 @@ from zarr_orch.reading import (
 )
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.location import Location
+from zarr_orch.storage.run_dir import listed_products, log_location
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,12 @@ class RunInfo:
         """The orchestrator's part of metadata.json (run id, times, conf, stats), or {}."""
         return dict((self.metadata or {}).get("zarr_orch") or {})
 
+    @property
+    def log_file(self) -> str | None:
+        """The run log metadata.json names, located in this directory (None if none)."""
+        location = log_location(Location.parse(self.out_dir, self.storage_options), self.metadata)
+        return location.url if location is not None else None
+
     def product(self, name: str) -> ProductSummary:
         """The product called `name`: its relative path, stem, file name, dataset or URL."""
         for summary in self.products:
@@ -419,7 +426,6 @@ def open_run(out_dir: PathLike, storage_options: dict[str, Any] | None = None) -
         )
     metadata = read_json(location.join(METADATA_FILE))
     candidates: list[tuple[str, Location]] = []
-    listed = ((metadata or {}).get("zarr_orch") or {}).get("products") or {}
     scanned: list[tuple[str, Location]] = []
     for name in _subdirectories(location):
         child = location.join(name)
@@ -430,28 +436,15 @@ def open_run(out_dir: PathLike, storage_options: dict[str, Any] | None = None) -
                 if sub.lower().endswith(".zarr"):
                     scanned.append((f"{name}/{sub}", child.join(sub)))
     by_url = {loc.url: (name, loc) for name, loc in scanned}
-    old_out = str(((metadata or {}).get("zarr_orch") or {}).get("out_dir") or "").rstrip("/")
     seen: set[str] = set()
-    if isinstance(listed, dict):
-        for entry in listed.values():
-            url = entry.get("url") if isinstance(entry, dict) else None
-            if not isinstance(url, str) or not url:
-                continue
-            name, loc = url, None
-            if old_out and url.startswith(old_out + "/"):
-                # products under the run's out_dir follow it when the directory was moved
-                name = url[len(old_out) + 1 :]
-                try:
-                    loc = location.join(name)
-                except Exception:
-                    loc = None
-            if loc is None:
-                loc = Location.parse(url, storage_options)
-            if loc.url in by_url:
-                name = by_url[loc.url][0]
-            if loc.url not in seen:
-                candidates.append((name, loc))
-                seen.add(loc.url)
+    # listed products resolve in this directory (relative paths, or old absolute URLs that
+    # point into the out_dir the run was written to): a moved or copied run is self-contained
+    for name, loc in listed_products(location, metadata):
+        if loc.url in by_url:
+            name = by_url[loc.url][0]
+        if loc.url not in seen:
+            candidates.append((name, loc))
+            seen.add(loc.url)
     for name, loc in scanned:
         if loc.url not in seen:
             candidates.append((name, loc))

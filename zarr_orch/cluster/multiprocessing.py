@@ -39,6 +39,7 @@ import psutil
 
 from zarr_orch.cluster.base import AbstractCluster, Option, Outcome, TaskError
 from zarr_orch.cluster.graph import Delayed, GraphTasks, TaskNode, split_outputs, substitute
+from zarr_orch.cluster.main_guard import check_main_guard
 from zarr_orch.errors import ConfigurationError, ZarrOrchError
 
 logger = logging.getLogger(__name__)
@@ -692,6 +693,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             )
         if self._started:
             return
+        check_main_guard("multiprocessing", self.conf["mp_mode"])
         if self.conf["mp_mode"] == "forkserver":
             # '__main__' is the default preload (tasks defined in a script); ours, and the tile
             # sink's (numpy, xarray, zarr), are imported once in the server, not per worker

@@ -8,10 +8,12 @@ unix time in ms, bytes written and one CRC32 per tag. Records, not chunk presenc
 "done": zarr does not store all-nodata chunks.
 
 Only the main process writes records, after the tile's data is on disk (the receipt says
-so): `RecordWriter` merges them into their block and rewrites each changed block about once
-a second, so a tile costs its data chunk and a share of one small block write, not a second
-object of its own. A crash loses at most the last second of records: those tiles' data is
-on disk and a rerun rewrites them identically. Finding every done tile is a key listing plus
+so): `RecordWriter` merges them into their block and rewrites each changed block as soon as
+its previous write has finished (group commit; at most every `OBJECT_STORE_FLOOR` seconds on
+object stores), so a tile costs its data chunk and a share of one small block write, not a
+second object of its own. A crash loses only the records of the tiles that finished during
+the last block write (about the tiles in flight): their data is on disk and a rerun
+rewrites them identically. Finding every done tile is a key listing plus
 one read per block (O(tiles / 1024) requests on an object store).
 """
 
@@ -23,7 +25,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,8 +41,9 @@ BASE_FIELDS = ("done", "time_ms", "nbytes")
 BLOCK = 32
 #: the plain JSON object describing a records array of format 2 (not a Zarr node)
 LAYOUT_FILE = "records.json"
-#: seconds between two background writes of the changed record blocks
-FLUSH_SECONDS = 1.0
+#: seconds between two record writes of one product on an object store (S3 and the like),
+#: where every request costs; see `write_floor` (local stores write back to back)
+OBJECT_STORE_FLOOR = 0.2
 
 
 def records_name(tags: Sequence[str]) -> str:
@@ -135,6 +138,8 @@ def read_records(store: Any, name: str) -> Iterator[tuple[int, int, np.ndarray]]
         parts = key[len(prefix) :].split("/")
         if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[2] == "0":
             blocks.append((int(parts[0]), int(parts[1])))
+        elif key.endswith(".partial"):  # a block being written right now (atomic rename)
+            logger.debug("ignoring %s: a records block being written", key)
         else:  # a stray file in the product: not a record (zarr-orch verify)
             logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix) :])
     blocks.sort()
@@ -202,27 +207,54 @@ def forget_tiles(records: Any, tiles: Sequence[tuple[int, int]]) -> None:
         rewrite_block(records, block, dict.fromkeys(members, 0))
 
 
+def write_floor(location: Any) -> float:
+    """Shortest time between two record writes of one product at `location` (seconds).
+
+    Zero on local and in-memory stores, where a block write costs about a millisecond:
+    the next batch goes out as soon as the previous write ends. Object stores charge
+    per request, so there a batch waits at least `OBJECT_STORE_FLOOR` seconds.
+    """
+    return (
+        0.0 if getattr(location, "protocol", "file") in ("file", "memory") else OBJECT_STORE_FLOOR
+    )
+
+
 class RecordWriter:
-    """Writes completion records in the background, in the main process, block by block.
+    """Writes completion records in the background, in the main process: group commit.
 
     Receipts arrive only after a tile's data is written, so recording them here keeps the
-    order "chunk first, record after". Records are merged into their 32x32-tile block and
-    each changed block is rewritten (one whole-chunk write, atomic) every `interval`
-    seconds and on `flush`, which returns the tiles whose record could not be written
-    (their data stays; a rerun redoes them).
+    order "chunk first, record after". A background thread writes whatever records are
+    pending as soon as its previous write has finished: a batch is what arrived meanwhile
+    (large under load, one tile when idle), merged into its 32x32-tile blocks, each block
+    one whole-chunk write (atomic). A kill therefore loses only the records of tiles that
+    finished during the last write, not a fixed interval's worth. Between two writes of a
+    product the thread rests at least as long as the last one took (so records never take
+    more than half a core from the main process), and on object stores writes of one
+    product start at most every `write_floor` seconds (requests cost there). `flush`
+    writes everything now and returns the tiles whose record could not be written (their
+    data stays; a rerun redoes them).
     """
 
-    def __init__(self, interval: float = FLUSH_SECONDS) -> None:
-        self._interval = interval
-        self._lock = threading.Lock()  # guards _pending
+    def __init__(self, floor: float | Callable[[Any], float] = write_floor) -> None:
+        #: location -> seconds between two writes of its records (a number: for every one)
+        self._floor = floor if callable(floor) else (lambda _location: float(floor))
+        self._lock = threading.Lock()  # guards _pending, _last, _thread, _closed
         self._io = threading.Lock()  # one block writer at a time
         #: (url, name) -> {(row, col): record row} waiting to be written
         self._pending: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
         self._locations: dict[str, Any] = {}
+        self._floors: dict[str, float] = {}
+        #: url -> monotonic time the last write of its records started, and its duration
+        self._last: dict[str, float] = {}
+        self._spent: dict[str, float] = {}
+        #: records arrays opened since the last flush (a later breakpoint may recreate one)
+        self._arrays: dict[tuple[str, str], Any] = {}
         self._failed: list[tuple[str, int, int, BaseException]] = []
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None  # started by the first record
+        #: how many records, block writes (each: read + write of one block) and array opens
+        self.counts = {"records": 0, "block_writes": 0, "array_opens": 0}
 
     def submit(self, location: Any, row: int, col: int, record: tuple[str, bytes]) -> None:
         """Queue tile (row, col)'s record (`record_bytes`) for the next block write."""
@@ -233,43 +265,118 @@ class RecordWriter:
                     target=self._run, name="zarr_orch-records", daemon=True
                 )
                 self._thread.start()
-            self._locations.setdefault(location.url, location)
+            if location.url not in self._locations:
+                self._locations[location.url] = location
+                self._floors[location.url] = float(self._floor(location))
+                # the first batch of a floored store also gathers for one floor
+                self._last[location.url] = time.monotonic()
             self._pending.setdefault((location.url, name), {})[(row, col)] = values
+            self.counts["records"] += 1
+        self._wake.set()
+
+    @property
+    def requests(self) -> int:
+        """Store requests spent on records so far: a read and a write per block, one open."""
+        return 2 * self.counts["block_writes"] + self.counts["array_opens"]
 
     def _run(self) -> None:
-        while not self._closed:
-            self._wake.wait(self._interval)
+        timeout: float | None = None
+        while True:
+            self._wake.wait(timeout)
             self._wake.clear()
-            self._write_pending()
+            if self._closed:  # close() flushes what is left
+                return
+            timeout = self._write_pending(due_only=True)
 
-    def _write_pending(self) -> None:
+    def _take(self, due_only: bool) -> tuple[dict, float | None]:
+        """Pop the pending records to write now; also the seconds until the next are due."""
+        now = time.monotonic()
+        taken: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
+        wait: float | None = None
+        with self._lock:
+            for key in list(self._pending):
+                url = key[0]
+                # the writer rests as long as it last worked: at most half a core on records
+                due = self._last[url] + max(self._floors[url], 2 * self._spent.get(url, 0.0))
+                if due_only and due > now:
+                    wait = due - now if wait is None else min(wait, due - now)
+                    continue
+                taken[key] = self._pending.pop(key)
+            for url in {key[0] for key in taken}:
+                self._last[url] = now
+        return taken, wait
+
+    def _write_pending(self, due_only: bool = False) -> float | None:
+        """Write the pending records (only those past their floor when `due_only`).
+
+        A background write that fails puts its records back in the queue, retried a second
+        later and by `flush` (a full disk may have room again); only a failed `flush` write
+        reports them failed. Returns the seconds until the records left pending are due.
+        """
         with self._io:  # taken first: a flush waits for the background write in progress
-            with self._lock:
-                pending, self._pending = self._pending, {}
+            pending, wait = self._take(due_only)
+            started = time.monotonic()
+            retry: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
             for (url, name), tiles in pending.items():
                 try:
                     array = self._array(url, name)
                 except Exception as exc:
-                    self._failed.extend((url, r, c, exc) for r, c in tiles)
+                    self._failed_write(url, name, tiles, list(tiles), exc, due_only, retry)
                     continue
                 for block, members in tiles_by_block(array, tiles).items():
                     try:
                         rewrite_block(array, block, {t: tiles[t] for t in members})
+                        self.counts["block_writes"] += 1
                     except Exception as exc:
-                        self._failed.extend((url, r, c, exc) for r, c in members)
+                        self._failed_write(url, name, tiles, members, exc, due_only, retry)
+            spent = time.monotonic() - started
+            with self._lock:
+                for url in {key[0] for key in pending}:
+                    self._spent[url] = spent
+                for key, tiles in retry.items():
+                    self._spent[key[0]] = max(spent, 0.5)  # retry after about a second
+                    queued = self._pending.setdefault(key, {})
+                    for tile, values in tiles.items():
+                        queued.setdefault(tile, values)
+        if retry:
+            wait = 1.0 if wait is None else min(wait, 1.0)
+        return wait
+
+    def _failed_write(
+        self,
+        url: str,
+        name: str,
+        tiles: dict[tuple[int, int], np.ndarray],
+        members: list[tuple[int, int]],
+        exc: BaseException,
+        background: bool,
+        retry: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]],
+    ) -> None:
+        """Queue `members` again (background write) or report them failed (flush)."""
+        if background:
+            logger.debug("records write to %s failed (%s): retrying", url, exc)
+            retry.setdefault((url, name), {}).update({t: tiles[t] for t in members})
+        else:
+            self._failed.extend((url, r, c, exc) for r, c in members)
 
     def _array(self, url: str, name: str) -> Any:
-        """The records array, opened again at each write: a product reset (overwrite) by a
-        later breakpoint may have recreated it with another tile grid."""
+        """The records array, opened once per breakpoint: a product reset (overwrite) by a
+        later breakpoint may recreate it with another tile grid, so `flush` forgets it."""
         from zarr_orch.storage.product import store_handle
 
-        return open_records(store_handle(self._locations[url]), name, mode="r+")
+        array = self._arrays.get((url, name))
+        if array is None:
+            array = open_records(store_handle(self._locations[url]), name, mode="r+")
+            self._arrays[(url, name)] = array
+            self.counts["array_opens"] += 1
+        return array
 
     def flush(self) -> list[tuple[str, int, int, BaseException]]:
         """Write every queued record now; return (and forget) the failed ones."""
         self._write_pending()
         with self._io:
             failed, self._failed = self._failed, []
+            self._arrays.clear()
         return failed
 
     def close(self) -> None:

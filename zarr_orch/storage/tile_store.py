@@ -30,6 +30,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from zarr_orch import constants as cst
+from zarr_orch.commands import cli_command, shell_join
 from zarr_orch.errors import ProductError
 from zarr_orch.storage.encoding import cast_tile
 from zarr_orch.storage.points import to_json_safe
@@ -494,7 +495,8 @@ def _damaged(plan: ProductPlan, row: int, col: int, name: str, reason: str) -> S
         f"tile (row={row}, col={col}) of {plan.dataset_name}, served from {url} after a "
         f"breakpoint, no longer matches what its task returned (variable {name!r}: {reason}): "
         "this tile's chunk, or a neighbour's its overlaps come from, was damaged or rewritten "
-        f"since. Run `zarr-orch verify --repair {url}`, then rerun the job: the bad tiles are "
+        f"since. Run `{cli_command()} verify --repair {shell_join(url)}`, then rerun the job: "
+        "the bad tiles are "
         "recomputed (if verify finds nothing, another dataset saved to this product rewrote "
         "it: rerun with resume: false)"
     )

@@ -42,9 +42,11 @@ import zarr
 from zarr.core.sync import sync
 
 from zarr_orch import constants as cst
+from zarr_orch.commands import cli_command, shell_join
 from zarr_orch.errors import ProductError
 from zarr_orch.storage import records as rec
 from zarr_orch.storage.location import Location
+from zarr_orch.storage.run_dir import listed_products
 from zarr_orch.storage.zarr_io import delete_key, get_many, list_keys, local_root
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ class VerifyReport:
     repaired: list[tuple[str, int, int]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: what was verified (a run directory or one product): the hint names it
+    target: str = ""
 
     @property
     def ok(self) -> bool:
@@ -136,8 +140,11 @@ class VerifyReport:
                 "pipeline (resume on) to recompute exactly those tiles"
             )
         elif not self.ok:
+            command = f"{cli_command()} verify --repair"
+            if self.target:
+                command += f" {shell_join(self.target)}"
             lines.append(
-                "run again with repair (zarr-orch verify --repair) to forget the records "
+                f"run again with repair ({command}) to forget the records "
                 "of these tiles, then rerun the pipeline to recompute them"
             )
         return "\n".join(lines)
@@ -177,6 +184,7 @@ def verify_product(
     report = checker.run()
     if repair:
         checker.repair(report)
+    report.target = location.url
     report.seconds = time.perf_counter() - start
     logger.info(
         "verified %s: %d records, %d problem(s)", location.url, report.checked, len(report.bad)
@@ -724,6 +732,7 @@ def verify_run(
     finally:
         if lease is not None:
             lease.release()
+    report.target = location.url
     report.seconds = time.perf_counter() - start
     return report
 
@@ -740,22 +749,20 @@ def find_products(location: Location) -> list[Location]:
             for sub in _subdirectories(child):
                 if sub.lower().endswith(".zarr"):
                     found.setdefault(child.join(sub).url, child.join(sub))
-    for url in _listed_products(location):
-        if url not in found:
-            other = Location.parse(url, location.storage_options or None)
-            if other.exists():
-                found[other.url] = other
+    for _name, other in listed_products(location, _read_metadata(location)):
+        if other.url not in found and other.exists():
+            found[other.url] = other
     return list(found.values())
 
 
-def _listed_products(location: Location) -> Iterable[str]:
-    """Product URLs from the run's metadata.json (nothing when absent or unreadable)."""
+def _read_metadata(location: Location) -> dict[str, Any] | None:
+    """The run's metadata.json (None when absent or unreadable: the products are still
+    checked). Its product entries resolve in `location`, never where the run was written."""
     try:
         meta = json.loads(location.join(METADATA_FILE).read_text())
-        products = meta["zarr_orch"]["products"]
-        return [p["url"] for p in products.values() if isinstance(p.get("url"), str)]
     except Exception:  # a damaged metadata.json must not stop the check of the products
-        return []
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _subdirectories(location: Location) -> list[str]:
