@@ -46,29 +46,35 @@ def write(path: Path, data: np.ndarray, **profile: Any) -> str:
     return str(path)
 
 
-def epipolar_grid(path: Path, shift_x: float, angle: float) -> dict[str, Any]:
+def epipolar_grid(
+    path: Path,
+    shift: tuple[float, float],
+    angle: float,
+    shape: tuple[int, int] = (EPI_H, EPI_W),
+    disp_to_alt_ratio: float = 0.7,
+) -> dict[str, Any]:
     """A rectification grid (epipolar -> sensor: a rotation and a shift) as CARS's grid
     generation writes it (band 1 = sensor x, band 2 = sensor y, half-step offset transform)
-    and the grid dict it returns."""
-    rows = int((EPI_H - 2 * ORIGIN) / SPACING) + 1
-    cols = int((EPI_W - 2 * ORIGIN) / SPACING) + 1
+    and the grid dict it returns, for an epipolar image of `shape`."""
+    rows = int((shape[0] - 2 * ORIGIN) / SPACING) + 1
+    cols = int((shape[1] - 2 * ORIGIN) / SPACING) + 1
     epi_y, epi_x = np.mgrid[0:rows, 0:cols] * SPACING + ORIGIN
     cos, sin = np.cos(angle), np.sin(angle)
-    sensor_x = 10 + shift_x + cos * epi_x - sin * epi_y
-    sensor_y = 12 + sin * epi_x + cos * epi_y
+    sensor_x = shift[0] + cos * epi_x - sin * epi_y
+    sensor_y = shift[1] + sin * epi_x + cos * epi_y
     transform = Affine(SPACING, 0, ORIGIN - 0.5 * SPACING, 0, SPACING, ORIGIN - 0.5 * SPACING)
     grid = np.stack([sensor_x, sensor_y]).astype("float64")
     return {
         "path": write(path, grid, transform=transform),
         "grid_spacing": [SPACING, SPACING],
         "grid_origin": [ORIGIN, ORIGIN],
-        "epipolar_size_x": EPI_W,
-        "epipolar_size_y": EPI_H,
+        "epipolar_size_x": shape[1],
+        "epipolar_size_y": shape[0],
         "epipolar_origin_x": ORIGIN,
         "epipolar_origin_y": ORIGIN,
         "epipolar_spacing_x": SPACING,
         "epipolar_spacing": SPACING,
-        "disp_to_alt_ratio": 0.7,
+        "disp_to_alt_ratio": disp_to_alt_ratio,
     }
 
 
@@ -91,8 +97,8 @@ def stereo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "left": sensor("left", left, mask=write(directory / "left_msk.tif", mask)),
         "right": sensor("right", right),
-        "grid_left": epipolar_grid(directory / "grid_left.tif", 0.0, 0.02),
-        "grid_right": epipolar_grid(directory / "grid_right.tif", 1.5, 0.02),
+        "grid_left": epipolar_grid(directory / "grid_left.tif", (10, 12), 0.02),
+        "grid_right": epipolar_grid(directory / "grid_right.tif", (11.5, 12), 0.02),
     }
 
 
@@ -135,3 +141,119 @@ def test_bicubic_resampling(tmp_path: Path, stereo: dict[str, Any]) -> None:
     assert meta["shape"] == (1, EPI_H, EPI_W)
     assert not np.array_equal(left, right)  # the right grid is shifted by 1.5 pixels
     assert np.nanstd(left) > 50  # the texture was resampled, not a constant
+
+
+LAT0, LON0 = 43.6, 1.44  # scene centre (UTM 31N)
+
+
+def rpc_model(parallax: float) -> Any:
+    """An RPC00B model of a north-up sensor over the scene: line from latitude, sample from
+    longitude plus `parallax` times the normalised height (the stereo baseline)."""
+    from rasterio.rpc import RPC
+
+    def coefficients(**terms: float) -> list[float]:
+        order = ["one", "lon", "lat", "height"]  # the first RPC00B terms: 1, L, P, H
+        values = [0.0] * 20
+        for term, value in terms.items():
+            values[order.index(term)] = value
+        return values
+
+    return RPC(
+        height_off=100,
+        height_scale=100,
+        lat_off=LAT0,
+        lat_scale=0.0007,
+        long_off=LON0,
+        long_scale=0.001,
+        line_off=SENSOR_H / 2,
+        line_scale=SENSOR_H / 2,
+        samp_off=SENSOR_W / 2,
+        samp_scale=SENSOR_W / 2,
+        line_num_coeff=coefficients(lat=-1.0),
+        line_den_coeff=coefficients(one=1.0),
+        samp_num_coeff=coefficients(lon=1.0, height=parallax),
+        samp_den_coeff=coefficients(one=1.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def rpc_scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A right sensor image with its RPC model in its GeoTIFF tags (read by shareloc through
+    rasterio), its rectification grid, and the DEM median/min/max (EPSG:4326) of the scene."""
+    from rasterio.transform import from_origin
+
+    directory = tmp_path_factory.mktemp("cars13_rpc")
+    rng = np.random.default_rng(9)
+    image = (1000 + rng.normal(0, 20, (SENSOR_H, SENSOR_W))).astype("uint16")
+    right = write(directory / "right.tif", image, rpcs=rpc_model(1.0))
+    size = 40
+    transform = from_origin(LON0 - 0.0016, LAT0 + 0.0012, 0.0032 / size, 0.0024 / size)
+    rows, cols = np.mgrid[0:size, 0:size]
+    median = 100 + 10 * np.sin(cols / 5.0) + 5 * np.cos(rows / 4.0)
+    dems = {
+        "median": median,
+        "min": 80 + rng.uniform(0, 5, median.shape),
+        "max": 125 + rng.uniform(0, 5, median.shape),
+    }
+    paths = {
+        name: write(
+            directory / f"dem_{name}.tif",
+            values.astype("float32"),
+            crs="EPSG:4326",
+            transform=transform,
+            nodata=-32768,
+        )
+        for name, values in dems.items()
+    }
+    # the model's epipolar lines are its rows: an identity rectification grid
+    grid = epipolar_grid(
+        directory / "grid_right.tif", (0, 0), 0.0, (SENSOR_H, SENSOR_W), disp_to_alt_ratio=1.0
+    )
+    sensor = {
+        "image": {"bands": {"b0": {"path": right, "band": 0}}, "no_data": 0},
+        "geomodel": {"path": right, "model_type": "RPC"},
+    }
+    return {"right": sensor, "grid_right": grid, **paths}
+
+
+def test_local_disparity_grids(tmp_path: Path, rpc_scene: dict[str, Any]) -> None:
+    """Dense matching's local disparity range: grids from the DEM min/max through the right
+    sensor's RPC model (CARS's SharelocGeometry with the DEM median), 2 x 3 grid tiles in grid
+    units with a propagation filter, each saved at its own window."""
+    from cars.applications.application import Application
+    from cars.core.geometry.abstract_geometry import AbstractGeometry
+
+    app = Application(
+        "dense_matching",
+        cfg={
+            "save_intermediate_data": True,
+            "epi_disp_grid_tile_size": 8,
+            "disp_range_propagation_filter_size": 20,
+        },
+    )
+    geometry = AbstractGeometry("SharelocGeometry", dem=rpc_scene["median"])
+    ranges = {}
+
+    def body(orchestrator: Any, out: Path) -> Any:
+        grids = app.generate_disparity_grids(
+            rpc_scene["right"],
+            rpc_scene["grid_right"],
+            geometry,
+            dem_min=rpc_scene["min"],
+            dem_max=rpc_scene["max"],
+            pair_folder=str(out / "dense_matching"),
+            orchestrator=orchestrator,
+        )
+        ranges[out.name] = (grids["global_min"], grids["global_max"])
+        assert Path(grids["grid_min_path"]).exists()  # the next step (dense matching) reads it
+
+    names = compare_runs(run_matrix(tmp_path, body))
+    assert set(names) == {"dense_matching/disp_min_grid.tif", "dense_matching/disp_max_grid.tif"}
+    # the global range comes from every tile's dict output, as CARS's
+    assert len(set(ranges.values())) == 1, ranges
+    low, high = ranges["cars_sequential"]
+    assert low < -10 and high > 10
+    grid_min, meta = read(tmp_path / "zarr_orch_multiprocessing" / names[1])
+    grid_max, _ = read(tmp_path / "zarr_orch_multiprocessing" / names[0])
+    assert meta["shape"] == (1, 16, 18)  # (150 / 10 + 1) x (170 / 10 + 1) grid points
+    assert (grid_min < grid_max).all()  # a real range everywhere, no empty (zero) tile
