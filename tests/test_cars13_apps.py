@@ -135,10 +135,13 @@ def test_chain_second_app_reads_and_updates_the_first_ones_geotiff(
 
 
 @pytest.mark.skip(
-    reason="CARS 1.3's weighted_fusion sets the profile crs to 'EPSG:{}'.format(src.crs), i.e. "
-    "'EPSG:EPSG:32631' with rasterio >= 1.4, and CARS's own saver fails on it ('Tile not "
-    "saved'); its tiling grid is in terrain metres, which zarr_orch saves only with the "
-    "non-grid tile support of the cars-merge branch (issue 11 item 4)"
+    reason="CARS 1.3's own orchestrator cannot run it: weighted_fusion sets the profile crs to "
+    "'EPSG:{}'.format(src.crs), and str(CRS) is never a bare code with rasterio 1.4 "
+    "('EPSG:32631', 'ESRI:...', WKT, 'None'), so CARS's saver fails on 'EPSG:EPSG:32631' for "
+    "every tile ('Tile not saved': dsm.tif without CRS, all nodata) whatever the input CRS; "
+    "nothing to compare with. zarr_orch refuses it before any task (MisalignedGridError: a "
+    "grid in terrain metres without final_function takes the grid-aligned path, "
+    "docs/windowed_products.md)"
 )
 def test_weighted_fusion_dsm_merging(tmp_path: Path) -> None:
     """dsm_merging merges two overlapping DSMs on a terrain tiling grid (metres)."""
