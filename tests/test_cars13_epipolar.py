@@ -4,7 +4,9 @@ zarr_orch's (sequential and multiprocessing), every output raster compared.
 Inputs are what CARS's grid generation hands to resampling: two tiny sensor images (no
 georeferencing, as raw sensor rasters) and their epipolar rectification grids (2-band GeoTIFFs
 of sensor positions, written in CARS's own grid layout). The geometry plugin is CARS's real
-``SharelocGeometry``; resampling only uses it to interpolate those grids.
+``SharelocGeometry``; resampling only uses it to interpolate those grids. The local disparity
+range also localises through the right sensor's model: an RPC00B model synthesised in the
+image's GeoTIFF tags (shareloc reads it through rasterio) over a DEM median, with DEM min/max.
 """
 
 from __future__ import annotations
