@@ -204,9 +204,14 @@ def test_geotiff_outputs_off_keeps_runs_zarr_only(
     assert (out / "dsm.zarr").is_dir() and (out / "dump" / "filling.zarr").is_dir()
     import zarr
 
-    filling = zarr.open_group(str(out / "dump" / "filling.zarr"), mode="r")
-    # CARS's GeoTIFF options are kept on the tag array for a later export
-    assert filling["interpolation_filled_filling"].attrs["band_descriptions"] == ["interpolation"]
+    # CARS's GeoTIFF options are kept on the tag array for a later export, in its own metadata
+    # and in the consolidated metadata readers such as xarray use (written after the options)
+    for consolidated in (False, True):
+        filling = zarr.open_group(
+            str(out / "dump" / "filling.zarr"), mode="r", use_consolidated=consolidated
+        )
+        attrs = filling["interpolation_filled_filling"].attrs
+        assert attrs["band_descriptions"] == ["interpolation"], consolidated
 
 
 def test_in_place_update_of_the_input_geotiff(tmp_path: Path, inputs: dict[str, Path]) -> None:

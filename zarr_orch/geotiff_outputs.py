@@ -21,6 +21,7 @@ from typing import Any
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ConfigurationError
+from zarr_orch.storage.consolidated import consolidate
 from zarr_orch.storage.location import Location
 from zarr_orch.storage.product import ProductPlan, open_group
 
@@ -134,6 +135,7 @@ class GeoTiffOutputs:
         if not wanted or plan.kind != cst.CARS_DS_TYPE_ARRAY:
             return
         group = open_group(plan.location, "r+")
+        changed = False
         for tag, options in wanted.items():
             if tag not in group:  # optional data no tile produced
                 continue
@@ -142,6 +144,11 @@ class GeoTiffOutputs:
             attrs = options.attributes(bands)
             if any(array.attrs.get(name) != value for name, value in attrs.items()):
                 array.attrs.update(attrs)
+                changed = True
+        if changed:
+            # the breakpoint consolidated the metadata before this: readers that use it
+            # (zarr.open_group, xarray, GDAL) would not see the new attributes
+            consolidate(plan.location)
 
     def export(self, products: Sequence[tuple[int, str, ProductPlan, bool]]) -> list[str]:
         """Write the GeoTIFF of every (dataset key, file name, plan, any tile done) entry
