@@ -250,7 +250,8 @@ def test_in_place_update_of_the_input_geotiff(tmp_path: Path, inputs: dict[str, 
 @pytest.mark.xfail(
     raises=TaskFailedError,
     reason="its tiling grid is in full-resolution pixels while the saved arrays are "
-    "subsampled: saved by the non-grid tile support of the cars-merge branch (issue 11 item 4)",
+    "subsampled, and it has no final_function: it takes the grid-aligned path and its tiles "
+    "are refused (docs/windowed_products.md, Known limits)",
 )
 def test_sensor_subsampling_resampling(tmp_path: Path) -> None:
     """sensors_subsampling resamples a sensor image and its mask (rasterio, nbits) by 2."""
