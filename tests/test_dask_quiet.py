@@ -61,7 +61,8 @@ def test_local_dask_demo_prints_only_its_own_lines(how: str, tmp_path: Path) -> 
     assert noisy == [], proc.stderr
     if how == "cli":
         assert proc.stdout.splitlines()[0] == (
-            "demo done: 16 tiles of 128x128 px per stage, 512x512 raster"
+            "demo done: 16 tiles of 128x128 px per stage, 512x512 raster; this run computed "
+            "32 tiles and resumed 0 done by an earlier run"
         )
     else:
         assert proc.stdout == "script done\n"

@@ -142,7 +142,11 @@ def build_stage1(orchestrator: Orchestrator, size: int, tile: int) -> CarsDatase
 
 
 def build_stage2(orchestrator: Orchestrator, dem: CarsDataset, size: int) -> CarsDataset:
-    """Register stage 2 (three tags into products.zarr), consuming stage 1's tiles."""
+    """Register stage 2 (three tags into products.zarr), consuming stage 1's tiles.
+
+    A GeoTIFF holds one tag, so the three-tag product is registered by its Zarr name; stage
+    1's ``terrain.tif`` is also written as a GeoTIFF, as CARS pipelines expect.
+    """
     derived = CarsDataset("arrays", name="derived")
     derived.create_empty_copy(dem)
     derived.overlaps = np.zeros_like(dem.overlaps)
@@ -152,7 +156,7 @@ def build_stage2(orchestrator: Orchestrator, dem: CarsDataset, size: int) -> Car
         ("classes", "uint8", 0),
     ):
         orchestrator.add_to_save_lists(
-            "products.tif", tag, derived, dtype=dtype, nodata=nodata, cars_ds_name="derived"
+            "products.zarr", tag, derived, dtype=dtype, nodata=nodata, cars_ds_name="derived"
         )
     [saving_info] = orchestrator.get_saving_infos([derived])
     profile = demo_profile(size)
