@@ -11,21 +11,29 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import time
 import uuid
 from typing import Any
 
-from zarr_orch import __version__
 from zarr_orch import constants as cst
-from zarr_orch.breakpoint.book import Ledger, describe_stage, failure_error, unrecorded_error
+from zarr_orch.breakpoint.book import (
+    Ledger,
+    failure_error,
+    run_info,
+    unrecorded_error,
+)
 from zarr_orch.breakpoint.plan import plan_tiles
 from zarr_orch.breakpoint.prepare import prepare_products
 from zarr_orch.breakpoint.rounds import RoundRunner
-from zarr_orch.breakpoint.serve import clear_unfinished, recompute_tasks, serve_resumed
-from zarr_orch.breakpoint.state import RunState
+from zarr_orch.breakpoint.serve import (
+    clear_unfinished,
+    read_saved,
+    recompute_tasks,
+    serve_resumed,
+)
+from zarr_orch.breakpoint.state import RunState, emit_to
 from zarr_orch.cars_compat import (
     CROPPED_WARNING,
     CarsApiMixin,
@@ -35,28 +43,23 @@ from zarr_orch.cars_compat import (
     resolve_init_args,
     update_saving_infos,
 )
-from zarr_orch.cluster.base import AbstractCluster
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.documents import dump_document, format_for
 from zarr_orch.errors import ConfigurationError
 from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
-from zarr_orch.interrupts import InterruptGuard, signal_of
+from zarr_orch.interrupts import InterruptGuard, signal_of, terminate_self
+from zarr_orch.out_dir import check_out_dir, claim_out_dir, remove_dir
 from zarr_orch.progress import Callback, default_callbacks
 from zarr_orch.registry.ids import IdGenerator
 from zarr_orch.registry.merge_order import MergeOrder
 from zarr_orch.registry.plan import product_location
 from zarr_orch.registry.registries import Registries
-from zarr_orch.runlog import RunLog
-from zarr_orch.storage.lease import Lease
 from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import read_window
 from zarr_orch.storage.records import RecordWriter
 from zarr_orch.storage.retry import StorageSettings
-from zarr_orch.storage.run_dir import name_in, place
-from zarr_orch.storage.window_writer import read_merged
+from zarr_orch.storage.run_dir import name_in
 
 logger = logging.getLogger(__name__)
-
 
 __all__ = [
     "Orchestrator",
@@ -96,7 +99,7 @@ class Orchestrator(CarsApiMixin):
             out_dir, self._storage_options, settings=StorageSettings.from_conf(self._conf)
         )
         self.out_dir = self.out_location.url
-        _check_out_dir(self.out_location)
+        check_out_dir(self.out_location)
         if out_json_path is None:
             self.out_json_location = self.out_location.join("metadata.json")
         else:
@@ -117,29 +120,14 @@ class Orchestrator(CarsApiMixin):
         self.callbacks: list[Callback] = default_callbacks(self._conf["progress"])
         self._guard: InterruptGuard | None = None
         self._interrupted = False
-        self._runlog: RunLog | None = None
-        if launch_worker:
-            self._runlog = RunLog(self.out_location, self.run_id)
-            self._runlog.header(self.run_id, self.get_conf())
         self._records = RecordWriter()
-        self._merge_order = MergeOrder()
-        self._lease: Lease | None = None
-        try:
-            if launch_worker:
-                self._lease = Lease(
-                    self.out_location, self.run_id, stale_after=self._conf["lease_timeout"]
-                )
-                self._lease.acquire()
-            self.cluster: AbstractCluster = cluster_cls(
-                self._conf, self.out_location, launch_worker
-            )
-        except BaseException:
-            # a refused lease or a cluster that cannot start: leave nothing attached
-            if self._lease is not None and self._lease.held:
-                self._lease.release()
-            if self._runlog is not None:
-                self._runlog.close()
-            raise
+        self._runlog, self._lease, self.cluster = claim_out_dir(
+            self.out_location,
+            self.run_id,
+            self._conf,
+            launch_worker,
+            lambda: cluster_cls(self._conf, self.out_location, launch_worker),
+        )
         logger.info(
             "orchestrator %s started: mode %s, out_dir %s",
             self.run_id,
@@ -225,33 +213,15 @@ class Orchestrator(CarsApiMixin):
         self.out_json_location.write_text(dump_document(content, fmt))
 
     def _run_info(self) -> dict[str, Any]:
-        return {
-            "version": __version__,
-            "run_id": self.run_id,
-            "started": self._started,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "out_dir": self.out_dir,
-            "conf": self.get_conf(),
-            "stats": dict(self._stats),
-            "products": {
-                state.file_name: {
-                    **place(self.out_dir, url),
-                    "kind": state.plan.kind,
-                    "dataset": state.plan.dataset_name,
-                    "tags": list(state.plan.tag_names),
-                    "tiles_done": len(state.done),
-                    "tiles_total": state.plan.grid_shape[0] * state.plan.grid_shape[1],
-                }
-                for (url, _records), state in self._state.products.items()
-            },
-            "log_file": (
-                name_in(self.out_dir, self._runlog.url) if self._runlog is not None else None
-            ),
-            "failed_tiles": [
-                {"dataset": name, "row": row, "col": col, "error": error}
-                for (name, row, col), error in self._state.failed_tiles.items()
-            ],
-        }
+        log_file = name_in(self.out_dir, self._runlog.url) if self._runlog is not None else None
+        return run_info(
+            self._state,
+            run_id=self.run_id,
+            started=self._started,
+            out_dir=self.out_dir,
+            conf=self.get_conf(),
+            log_file=log_file,
+        )
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -266,21 +236,7 @@ class Orchestrator(CarsApiMixin):
     # -- reading back ------------------------------------------------------------------------
     def get_data(self, tag: str, future_object: Any) -> tuple[Any, Any]:
         """Data already on disk at the tile's core window: ``(array, nodata)`` or (None, None)."""
-        attrs = getattr(future_object, "attrs", None) or {}
-        info = attrs.get(cst.SAVING_INFO) or {}
-        key = info.get(cst.CARS_DS_KEY)
-        product = self._state.saved_tags.get(key, {}).get(tag)
-        window = attrs.get(cst.WINDOW)
-        if product is None or (window is None and not self._state.products[product].plan.windowed):
-            return None, None
-        state = self._state.products[product]
-        if state.plan.windowed:  # CARS: the window as on disk once any tile was merged
-            return read_merged(state.plan, bool(state.done), tag, future_object)
-        tile = (info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
-        if tile not in state.done:
-            return None, None
-        spec = next(t for t in state.plan.tags if t.name == tag)
-        return read_window(state.plan.location, tag, window), spec.nodata
+        return read_saved(self._state, tag, future_object)
 
     # -- execution ---------------------------------------------------------------------------
     def compute_futures(self, only_remaining_delayed: list[Any] | None = None) -> bool:
@@ -314,21 +270,13 @@ class Orchestrator(CarsApiMixin):
             delayed_type=delayed_type,
             attach_sink=self.cluster.attach_sink,
             merge_order=self._merge_order,
-            restrict=(
-                None if only_remaining_delayed is None else {id(d) for d in only_remaining_delayed}
-            ),
+            only=only_remaining_delayed,
         )
-        summary = describe_stage(
-            [item.name for item in tracked],
-            self._stats["breakpoints"],
-            len(tiles.tasks) + len(tiles.local),
-            tiles.resumed,
-        )
+        summary = tiles.stage(tracked, self._stats["breakpoints"])
         self._emit("on_stage_start", summary.name, summary.total)
         if tiles.resumed:
             self._emit("on_tiles_resumed", tiles.resumed)
         ledger = Ledger(self._state, self._records, self.registries, self._emit)
-        self._guard = InterruptGuard().__enter__()
         rounds = RoundRunner(
             self.cluster,
             self,
@@ -338,8 +286,8 @@ class Orchestrator(CarsApiMixin):
             self._emit,
             timeout=self._conf["task_timeout"],
             merge_order=self._merge_order,
-            guard=self._guard,
         )
+        self._guard = rounds.guard = InterruptGuard().__enter__()
         try:
             rounds.write_local(tiles.local)
             rounds.run(tiles.tasks, tiles.sinks)
@@ -349,14 +297,8 @@ class Orchestrator(CarsApiMixin):
             again, again_sinks = recompute_tasks(
                 serve_resumed(tiles.to_serve, self._state), self.cluster.attach_sink
             )
-            if again:
-                logger.info(
-                    "%d done tile(s) of replaced datasets could not be rebuilt "
-                    "exactly from the store: recomputing them",
-                    len(again),
-                )
-                summary.total += len(again)
-                rounds.run(again, again_sinks)
+            summary.total += len(again)
+            rounds.run(again, again_sinks)
             clear_unfinished(tracked, self.registries.replace_keys, delayed_type)
         finally:
             self._guard.__exit__(None, None, None)
@@ -373,12 +315,7 @@ class Orchestrator(CarsApiMixin):
         return self._state.cropped
 
     def _emit(self, event: str, *args: Any) -> None:
-        """Call `event` on every callback; a failing callback is logged, never fatal."""
-        for callback in self.callbacks:
-            try:
-                getattr(callback, event)(*args)
-            except Exception as exc:
-                logger.warning("progress callback %r failed in %s: %s", callback, event, exc)
+        emit_to(self.callbacks, event, *args)
 
     def add_callback(self, callback: Callback) -> None:
         """Receive breakpoint events (see `zarr_orch.progress.Callback`)."""
@@ -435,7 +372,7 @@ class Orchestrator(CarsApiMixin):
         finally:
             self.cleanup()
         if signal_of(exc_value) == signal.SIGTERM:
-            _terminate_self()
+            terminate_self()
         return False
 
     def cleanup(self) -> None:
@@ -452,49 +389,10 @@ class Orchestrator(CarsApiMixin):
             if self._runlog is not None:
                 self._runlog.close()
             for path in self.tmp_dir_list:
-                _remove(path, self._storage_options)
+                remove_dir(path, self._storage_options)
 
     def __repr__(self) -> str:
         return (
             f"Orchestrator(mode={self._conf['mode']!r}, out_dir={self.out_location!r}, "
             f"run_id={self.run_id!r})"
         )
-
-
-def _terminate_self() -> None:
-    """After a clean stop on SIGTERM, die of SIGTERM as the sender asked (main thread only)."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _check_out_dir(location: Location) -> None:
-    """Create a local out_dir and make sure it is a writable directory; probe a remote one.
-
-    A remote out_dir gets a write+delete probe, so a missing bucket, denied access or an
-    unreachable endpoint fails here, with the URL in the message, before any task runs.
-    """
-    if not location.is_local:
-        location.check_writable()
-        return
-    if os.path.exists(location.url) and not os.path.isdir(location.url):
-        raise ConfigurationError(f"out_dir {location.url} exists and is not a directory")
-    try:
-        os.makedirs(location.url, exist_ok=True)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot create out_dir {location.url}: {exc.strerror}") from None
-    if not os.access(location.url, os.W_OK | os.X_OK):
-        raise ConfigurationError(f"out_dir {location.url} is not writable; choose another one")
-
-
-def _remove(path: Any, storage_options: dict[str, Any]) -> None:
-    try:
-        location = Location.parse(path, storage_options)
-        if location.is_local:
-            shutil.rmtree(location.url, ignore_errors=True)
-        else:
-            location.rm()
-    except Exception as exc:  # cleanup must not mask the run's own outcome
-        logger.warning("could not remove %s: %s", path, exc)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
+from zarr_orch import __version__
 from zarr_orch import constants as cst
 from zarr_orch.breakpoint.state import Emit, RunState, product_key
 from zarr_orch.cluster.base import TaskError
@@ -19,6 +21,7 @@ from zarr_orch.registry.sink import Receipt, TileSink
 from zarr_orch.storage.consolidated import consolidate_all
 from zarr_orch.storage.product import ProductPlan
 from zarr_orch.storage.records import RecordWriter
+from zarr_orch.storage.run_dir import place
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +149,38 @@ def unrecorded_error(unrecorded: list[Unrecorded]) -> StorageError:
     )
 
 
-def describe_stage(names: list[str], breakpoints: int, total: int, resumed: int) -> StageSummary:
-    """The summary a breakpoint starts with: its number, dataset names and tile counts."""
-    label = "+".join(dict.fromkeys(names)) or "nothing"
-    return StageSummary(
-        name=f"breakpoint {breakpoints + 1} ({label})", total=total, resumed=resumed
-    )
+def run_info(
+    state: RunState,
+    *,
+    run_id: str,
+    started: str,
+    out_dir: str,
+    conf: dict[str, Any],
+    log_file: str | None,
+) -> dict[str, Any]:
+    """The ``zarr_orch`` section of metadata.json: run, statistics, products, failed tiles."""
+    return {
+        "version": __version__,
+        "run_id": run_id,
+        "started": started,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "out_dir": out_dir,
+        "conf": conf,
+        "stats": dict(state.stats),
+        "products": {
+            product.file_name: {
+                **place(out_dir, url),
+                "kind": product.plan.kind,
+                "dataset": product.plan.dataset_name,
+                "tags": list(product.plan.tag_names),
+                "tiles_done": len(product.done),
+                "tiles_total": product.plan.grid_shape[0] * product.plan.grid_shape[1],
+            }
+            for (url, _records), product in state.products.items()
+        },
+        "log_file": log_file,
+        "failed_tiles": [
+            {"dataset": name, "row": row, "col": col, "error": error}
+            for (name, row, col), error in state.failed_tiles.items()
+        ],
+    }

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from zarr_orch.breakpoint.state import Cell, RunState, product_key
 from zarr_orch.data.cars_dataset import is_concrete_tile
+from zarr_orch.progress import StageSummary
 from zarr_orch.registry.merge_order import MergeOrder
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import TileSink
@@ -42,6 +43,15 @@ class TilePlan:
     #: tiles not submitted because an earlier run finished them
     resumed: int = 0
 
+    def stage(self, tracked: list[TrackedDataset], breakpoints: int) -> StageSummary:
+        """The summary the breakpoint starts with: its number, dataset names, tile counts."""
+        names = "+".join(dict.fromkeys(item.name for item in tracked)) or "nothing"
+        return StageSummary(
+            name=f"breakpoint {breakpoints + 1} ({names})",
+            total=len(self.tasks) + len(self.local),
+            resumed=self.resumed,
+        )
+
 
 def resumable_tiles(key_plans: tuple[ProductPlan, ...], state: RunState, resume: bool) -> set[Cell]:
     """Tiles done in every product of a dataset (empty when it saves nothing)."""
@@ -61,14 +71,15 @@ def plan_tiles(
     delayed_type: Any,
     attach_sink: Callable[[Any, TileSink], Any],
     merge_order: MergeOrder,
-    restrict: Collection[int] | None = None,
+    only: Collection[Any] | None = None,
 ) -> TilePlan:
     """Sort every tile of `tracked` into tasks, local writes, resumed and served tiles.
 
-    `restrict` (ids of delayed objects) limits the tasks to those (CARS's second pass);
+    `only` (delayed objects) limits the tasks to those (CARS's second pass);
     windowed tiles to run are announced to `merge_order`, which merges them in this order.
     """
     out = TilePlan()
+    restrict = None if only is None else {id(d) for d in only}
     for item in tracked:
         keep = item.key in registries.replace_keys or item.cars_ds.final_function
         key_plans = tuple(plans.get(item.key, ()))

@@ -41,7 +41,7 @@ class RoundRunner:
         *,
         timeout: float | None,
         merge_order: MergeOrder,
-        guard: InterruptGuard | None,
+        guard: InterruptGuard | None = None,
     ) -> None:
         self.cluster = cluster
         self.owner = owner
@@ -51,6 +51,7 @@ class RoundRunner:
         self.emit = emit
         self.timeout = timeout
         self.merge_order = merge_order
+        #: the breakpoint's signal guard: a caught signal stops the round cleanly
         self.guard = guard
         self.failures: list[tuple[TileSink, TaskError]] = []
         #: set when a signal stopped the round

@@ -1,7 +1,7 @@
 """Step 4 of a breakpoint: put resumed tiles of replaced datasets back in their cells.
 
-The store serves them lazily (`storage.tile_store.serve_tiles`); a tile it cannot rebuild
-exactly is handed back to be recomputed.
+The store serves them lazily (`storage.tile_store.serve_tiles`; a tile it cannot rebuild
+exactly is recomputed), and `read_saved` serves CARS's get_data from the saved products.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
+from zarr_orch import constants as cst
 from zarr_orch.breakpoint.plan import ServeEntry
 from zarr_orch.breakpoint.state import Cell, RunState
 from zarr_orch.registry.registries import TrackedDataset
 from zarr_orch.registry.sink import TileSink
+from zarr_orch.storage.product import read_window
 from zarr_orch.storage.tile_store import serve_tiles
+from zarr_orch.storage.window_writer import read_merged
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,12 @@ def recompute_tasks(
     left: list[ServeEntry], attach_sink: Callable[[Any, TileSink], Any]
 ) -> tuple[list[Any], list[TileSink]]:
     """Tasks recomputing the tiles the store could not serve (kept in memory, not written)."""
+    if left:
+        logger.info(
+            "%d done tile(s) of replaced datasets could not be rebuilt "
+            "exactly from the store: recomputing them",
+            len(left),
+        )
     tasks, sinks = [], []
     for entry in left:
         item = entry.item
@@ -75,3 +84,25 @@ def clear_unfinished(
             for col, obj in enumerate(line):
                 if obj is not None and isinstance(obj, delayed_type):
                     line[col] = None
+
+
+def read_saved(state: RunState, tag: str, future_object: Any) -> tuple[Any, Any]:
+    """Data already on disk at the tile's core window: ``(array, nodata)`` or (None, None).
+
+    What CARS's ``orchestrator.get_data`` returns for a tile of a saved dataset.
+    """
+    attrs = getattr(future_object, "attrs", None) or {}
+    info = attrs.get(cst.SAVING_INFO) or {}
+    key = info.get(cst.CARS_DS_KEY)
+    product = state.saved_tags.get(key, {}).get(tag)
+    window = attrs.get(cst.WINDOW)
+    if product is None or (window is None and not state.products[product].plan.windowed):
+        return None, None
+    saved = state.products[product]
+    if saved.plan.windowed:  # CARS: the window as on disk once any tile was merged
+        return read_merged(saved.plan, bool(saved.done), tag, future_object)
+    tile = (info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
+    if tile not in saved.done:
+        return None, None
+    spec = next(t for t in saved.plan.tags if t.name == tag)
+    return read_window(saved.plan.location, tag, window), spec.nodata

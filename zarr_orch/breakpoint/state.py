@@ -6,11 +6,14 @@ and metadata.json.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from zarr_orch.storage.product import ProductPlan
+
+logger = logging.getLogger(__name__)
 
 #: a product as the run knows it: (product URL, records name)
 ProductKey = tuple[str, str]
@@ -18,6 +21,15 @@ ProductKey = tuple[str, str]
 Cell = tuple[int, int]
 #: calls one progress event on every callback: ``emit("on_tile_done", name, row, ...)``
 Emit = Callable[..., None]
+
+
+def emit_to(callbacks: Iterable[Any], event: str, *args: Any) -> None:
+    """Call `event` on every callback; a failing callback is logged, never fatal."""
+    for callback in callbacks:
+        try:
+            getattr(callback, event)(*args)
+        except Exception as exc:
+            logger.warning("progress callback %r failed in %s: %s", callback, event, exc)
 
 
 def product_key(plan: ProductPlan) -> ProductKey:
