@@ -43,12 +43,13 @@ from zarr_orch.cars_compat import (
     resolve_init_args,
     update_saving_infos,
 )
+from zarr_orch.cluster.base import AbstractCluster
 from zarr_orch.conf import mask_secrets, validate_conf
 from zarr_orch.data.documents import dump_document, format_for
 from zarr_orch.errors import ConfigurationError
 from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
 from zarr_orch.interrupts import InterruptGuard, signal_of, terminate_self
-from zarr_orch.out_dir import check_out_dir, claim_out_dir, remove_dir
+from zarr_orch.out_dir import check_out_dir, claim_out_dir, release_out_dir, remove_dir
 from zarr_orch.progress import Callback, default_callbacks
 from zarr_orch.registry.ids import IdGenerator
 from zarr_orch.registry.merge_order import MergeOrder
@@ -121,19 +122,18 @@ class Orchestrator(CarsApiMixin):
         self._guard: InterruptGuard | None = None
         self._interrupted = False
         self._records = RecordWriter()
-        self._runlog, self._lease, self.cluster = claim_out_dir(
-            self.out_location,
-            self.run_id,
-            self._conf,
-            launch_worker,
-            lambda: cluster_cls(self._conf, self.out_location, launch_worker),
+        self._runlog, self._lease = claim_out_dir(
+            self.out_location, self.run_id, self._conf, launch_worker
         )
-        logger.info(
-            "orchestrator %s started: mode %s, out_dir %s",
-            self.run_id,
-            self._conf["mode"],
-            self.out_location,
-        )
+        try:
+            self.cluster: AbstractCluster = cluster_cls(
+                self._conf, self.out_location, launch_worker
+            )
+        except BaseException:  # a cluster that cannot start: leave nothing attached
+            release_out_dir(self._runlog, self._lease)
+            raise
+        mode, where = self._conf["mode"], self.out_location
+        logger.info("orchestrator %s started: mode %s, out_dir %s", self.run_id, mode, where)
 
     # -- configuration -----------------------------------------------------------------------
     def get_conf(self) -> dict[str, Any]:
@@ -384,10 +384,7 @@ class Orchestrator(CarsApiMixin):
             self.cluster.cleanup()
         finally:
             self._records.close()
-            if self._lease is not None:
-                self._lease.release()
-            if self._runlog is not None:
-                self._runlog.close()
+            release_out_dir(self._runlog, self._lease, held_only=False)
             for path in self.tmp_dir_list:
                 remove_dir(path, self._storage_options)
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from zarr_orch.conf import mask_secrets
 from zarr_orch.errors import ConfigurationError
@@ -18,8 +17,6 @@ from zarr_orch.storage.lease import Lease
 from zarr_orch.storage.location import Location
 
 logger = logging.getLogger(__name__)
-
-C = TypeVar("C")
 
 
 def check_out_dir(location: Location) -> None:
@@ -54,29 +51,29 @@ def remove_dir(path: Any, storage_options: dict[str, Any]) -> None:
 
 
 def claim_out_dir(
-    location: Location,
-    run_id: str,
-    conf: dict[str, Any],
-    launch_worker: bool,
-    start_cluster: Callable[[], C],
-) -> tuple[RunLog | None, Lease | None, C]:
-    """Open the run log, take the out_dir lease (when computing), then start the cluster.
+    location: Location, run_id: str, conf: dict[str, Any], launch_worker: bool
+) -> tuple[RunLog | None, Lease | None]:
+    """Open the run log and take the out_dir lease (when computing); neither otherwise.
 
-    A refused lease or a cluster that cannot start leaves nothing attached.
+    A refused lease leaves nothing attached (the run log is closed again).
     """
-    runlog: RunLog | None = None
+    if not launch_worker:
+        return None, None
+    runlog = RunLog(location, run_id)
+    runlog.header(run_id, mask_secrets(conf))
     lease: Lease | None = None
-    if launch_worker:
-        runlog = RunLog(location, run_id)
-        runlog.header(run_id, mask_secrets(conf))
     try:
-        if launch_worker:
-            lease = Lease(location, run_id, stale_after=conf["lease_timeout"])
-            lease.acquire()
-        return runlog, lease, start_cluster()
+        lease = Lease(location, run_id, stale_after=conf["lease_timeout"])
+        lease.acquire()
     except BaseException:
-        if lease is not None and lease.held:
-            lease.release()
-        if runlog is not None:
-            runlog.close()
+        release_out_dir(runlog, lease)
         raise
+    return runlog, lease
+
+
+def release_out_dir(runlog: RunLog | None, lease: Lease | None, held_only: bool = True) -> None:
+    """Release the lease (only if held, unless `held_only` is false) and close the run log."""
+    if lease is not None and (lease.held or not held_only):
+        lease.release()
+    if runlog is not None:
+        runlog.close()
