@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 #: attribute CARS tasks set on a tile when dense matching had to crop the disparity range
 CROPPED_DISPARITY_RANGE = "cropped_disparity_range"
+#: CARS's warning after a breakpoint where a tile's disparity range was cropped
+CROPPED_WARNING = (
+    "Disparity range was cropped in DenseMatching, due to a lack of available "
+    "memory for estimated disparity range"
+)
 
 _KEYWORDS = ("log_dir", "launch_worker", "out_json_path", "out_yaml_path")
 

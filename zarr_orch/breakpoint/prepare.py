@@ -1,0 +1,160 @@
+"""Step 1 of a breakpoint: check and create every product, read the tiles already done.
+
+Every product is checked before any is touched, so a refused rerun changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from zarr_orch.breakpoint.state import ProductKey, ProductState, RunState, product_key
+from zarr_orch.errors import ConfigurationError, ProductError
+from zarr_orch.registry.fingerprint import digest as fingerprint_digest
+from zarr_orch.registry.fingerprint import fingerprint_components
+from zarr_orch.registry.plan import (
+    build_plans,
+    intermediate_plan,
+    product_attributes,
+    product_location,
+)
+from zarr_orch.registry.registries import Registries, TrackedDataset
+from zarr_orch.storage.location import Location
+from zarr_orch.storage.product import ProductPlan, prepare_product, product_differences
+from zarr_orch.storage.window_writer import recover_merges
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_products(
+    tracked: list[TrackedDataset],
+    registries: Registries,
+    conf: dict[str, Any],
+    out_location: Location,
+    run_id: str,
+    state: RunState,
+) -> dict[int, list[ProductPlan]]:
+    """Plans of every tracked dataset's products, created on disk with their records.
+
+    Grids, writers and fingerprints are checked first; then each product is created (or
+    reset) and its recorded done tiles enter `state`, so get_data reads them back and a
+    rerun skips them.
+    """
+    plans, file_names = _plans_of(tracked, registries, conf, out_location)
+    _check_writers(plans, registries, conf["mode"])
+    decisions = []
+    for key, key_plans in plans.items():
+        item = registries.datasets[key]
+        for plan in key_plans:
+            components = fingerprint_components(plan, item.cars_ds, conf["run_key"])
+            reset = decide_reset(plan, components, conf, state.prepared)
+            decisions.append((key, item, plan, file_names[product_key(plan)], components, reset))
+    # merges a killed run left half-applied are undone before any record is read
+    recover_merges([d[2] for d in decisions if d[2].windowed])
+    for key, item, plan, file_name, components, reset in decisions:
+        attributes = product_attributes(plan, item.cars_ds, file_name)
+        attributes["zarr_orch"]["fingerprints"] = {
+            plan.records: {"digest": fingerprint_digest(components), "components": components}
+        }
+        attributes["zarr_orch"]["run_id"] = run_id
+        done = prepare_product(plan, attributes, reset=reset)
+        state.prepared.add(plan.location.url)
+        state.products[product_key(plan)] = ProductState(plan, file_name, set(done))
+        # a later breakpoint re-registering this product (e.g. CARS's read-modify-write
+        # through final_function and get_data) recomputes its tiles: resume is for the
+        # tiles an earlier run finished, not those another dataset of this run wrote
+        state.resumable.setdefault(product_key(plan), set(done))
+        for tag in plan.tag_names if not plan.all_variables else ():
+            state.saved_tags.setdefault(key, {})[tag] = product_key(plan)
+        logger.debug("%s: %d tiles already recorded", plan.location, len(done))
+    return plans
+
+
+def _plans_of(
+    tracked: list[TrackedDataset],
+    registries: Registries,
+    conf: dict[str, Any],
+    out_location: Location,
+) -> tuple[dict[int, list[ProductPlan]], dict[ProductKey, str]]:
+    """Product plans per dataset key, and the file name each product was registered as."""
+    plans: dict[int, list[ProductPlan]] = {}
+    file_names: dict[ProductKey, str] = {}
+    for item in tracked:
+        entries = registries.save_entries.get(item.key)
+        if not entries:
+            if conf["save_intermediate"] and item.key in registries.replace_keys:
+                plan = intermediate_plan(item, out_location, conf["codec"])
+                if plan is not None:
+                    plans[item.key] = [plan]
+                    file_names[product_key(plan)] = f"intermediate/{plan.location.name}"
+            continue
+        plans[item.key] = build_plans(
+            item,
+            entries,
+            out_location,
+            conf["codec"],
+            describe_tiles=item.key in registries.replace_keys,
+        )
+        for plan in plans[item.key]:
+            file_names[product_key(plan)] = next(
+                e.file_name
+                for e in entries
+                if product_location(e.file_name, out_location).url == plan.location.url
+            )
+    if conf["checksum"]:  # opt-in crc32c codec (GDAL cannot read it)
+        plans = {
+            key: [dataclasses.replace(p, checksum=True) for p in key_plans]
+            for key, key_plans in plans.items()
+        }
+    return plans, file_names
+
+
+def _check_writers(plans: dict[int, list[ProductPlan]], registries: Registries, mode: str) -> None:
+    """Refuse products workers cannot share, and a tag two datasets would both write."""
+    seen: dict[str, int] = {}
+    for key, key_plans in plans.items():
+        for plan in key_plans:
+            check_shared(plan.location, mode)
+            for tag in plan.tag_names:
+                owner = seen.setdefault(f"{plan.location.url}::{tag}", key)
+                if owner != key:
+                    raise ConfigurationError(
+                        f"tag {tag!r} of {plan.location.url} is saved by two datasets "
+                        f"({registries.datasets[owner].name} and "
+                        f"{registries.datasets[key].name}); one writer per chunk: "
+                        "save them to different file names or tags"
+                    )
+
+
+def decide_reset(
+    plan: ProductPlan, components: dict[str, Any], conf: dict[str, Any], prepared: set[str]
+) -> bool:
+    """Whether to delete an existing product first; refuse a mismatch nobody allowed."""
+    first_use = plan.location.url not in prepared
+    if first_use and conf["overwrite"]:
+        return True
+    differences = product_differences(plan, components)
+    if not differences:
+        return False
+    if first_use and not conf["resume"]:
+        return True
+    what = "; ".join(differences)
+    raise ProductError(
+        f"{plan.location.url} already holds {plan.dataset_name} tiles made with another "
+        f"configuration ({what}). Its finished tiles cannot be reused. To recompute it, set "
+        "resume: false (this product is rebuilt, other products in out_dir are kept) or "
+        "overwrite: true (every product of this run is deleted and rebuilt) in the "
+        "orchestrator conf, or use another out_dir"
+    )
+
+
+def check_shared(location: Location, mode: str) -> None:
+    """Refuse a product in this process's memory when other processes write its tiles."""
+    if location.protocol == "memory" and mode != "sequential":
+        raise ConfigurationError(
+            f"{location.url} is in the memory of this process, but mode {mode!r} writes "
+            "tiles in worker processes, each with its own memory: the tiles would be lost. "
+            "Use mode 'sequential', or a local path or object store URL that every worker "
+            "reaches"
+        )
