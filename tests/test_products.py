@@ -13,8 +13,8 @@ import zarr
 
 from zarr_orch import fill_dataset
 from zarr_orch.errors import ConfigurationError, ProductError, TileError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.encoding import (
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.encoding import (
     cast_tile,
     check_nodata,
     crs_to_wkt,
@@ -22,8 +22,8 @@ from zarr_orch.storage.encoding import (
     normalize_dtype,
     xarray_fill_attrs,
 )
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import (
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.product import (
     FORMAT_NAME,
     FORMAT_VERSION,
     ProductPlan,

@@ -56,19 +56,19 @@ from zarr_orch.registry.plan import (
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import Receipt, TileSink
 from zarr_orch.runlog import RunLog
-from zarr_orch.storage.consolidated import consolidate_all
-from zarr_orch.storage.lease import Lease
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import (
+from zarr_orch.storage.format.consolidated import consolidate_all
+from zarr_orch.storage.core.lease import Lease
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.product import (
     ProductPlan,
     prepare_product,
     product_differences,
     read_window,
 )
-from zarr_orch.storage.records import RecordWriter
-from zarr_orch.storage.retry import StorageSettings
-from zarr_orch.storage.run_dir import name_in, place
-from zarr_orch.storage.window_writer import read_merged, recover_merges
+from zarr_orch.storage.format.records import RecordWriter
+from zarr_orch.storage.core.retry import StorageSettings
+from zarr_orch.storage.core.run_dir import name_in, place
+from zarr_orch.storage.writers.window_writer import read_merged, recover_merges
 
 logger = logging.getLogger(__name__)
 
@@ -572,7 +572,7 @@ class Orchestrator(CarsApiMixin):
         Cells get lazy tiles, read and checked only when used (`tile_store.serve_tiles`).
         Returns the entries that could not be rebuilt exactly (they are recomputed).
         """
-        from zarr_orch.storage.tile_store import serve_tiles
+        from zarr_orch.storage.readers.tile_store import serve_tiles
 
         groups: dict[int, list[tuple]] = {}
         for entry in to_serve:

@@ -19,7 +19,7 @@ from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, ZarrOrchError
 from zarr_orch.reading import PathLike, find_run_metadata, open_product, read_product_info
 from zarr_orch.status import DONE, FAILED, MISSING, _tile_status
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
 
 logger = logging.getLogger(__name__)
 

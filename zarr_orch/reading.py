@@ -21,9 +21,9 @@ import xarray as xr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import product_info
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.product import product_info
 
 logger = logging.getLogger(__name__)
 

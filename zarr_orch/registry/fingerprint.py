@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from zarr_orch.storage.product import ProductPlan
+from zarr_orch.storage.format.product import ProductPlan
 
 
 def _array_digest(array: Any) -> str | None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from zarr_orch.storage.zarr_io import get_bytes, get_many, list_keys, set_bytes
+from zarr_orch.storage.core.zarr_io import get_bytes, get_many, list_keys, set_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class RecordWriter:
     def _array(self, url: str, name: str) -> Any:
         """The records array, opened once per breakpoint: a product reset (overwrite) by a
         later breakpoint may recreate it with another tile grid, so `flush` forgets it."""
-        from zarr_orch.storage.product import store_handle
+        from zarr_orch.storage.format.product import store_handle
 
         array = self._arrays.get((url, name))
         if array is None:

@@ -32,11 +32,11 @@ from xarray.core import indexing
 from zarr_orch import constants as cst
 from zarr_orch.commands import cli_command, shell_join
 from zarr_orch.errors import ProductError
-from zarr_orch.storage.encoding import cast_tile
-from zarr_orch.storage.points import to_json_safe
-from zarr_orch.storage.product import ProductPlan, _cached, open_group
-from zarr_orch.storage.records import META_GROUP, checksum
-from zarr_orch.storage.zarr_io import get_many
+from zarr_orch.storage.format.encoding import cast_tile
+from zarr_orch.storage.writers.points import to_json_safe
+from zarr_orch.storage.format.product import ProductPlan, _cached, open_group
+from zarr_orch.storage.format.records import META_GROUP, checksum
+from zarr_orch.storage.core.zarr_io import get_many
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _decode_exact(obj: Any) -> Any:
 
 def write_tile_description(plan: ProductPlan, tile: xr.Dataset, row: int, col: int) -> None:
     """Store the tile's description (before its completion record)."""
-    from zarr_orch.storage.product import _group
+    from zarr_orch.storage.format.product import _group
 
     array = _cached(
         "tiles",

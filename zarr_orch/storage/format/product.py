@@ -20,21 +20,21 @@ import zarr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, TileError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.chunk_writer import ChunkWriter
-from zarr_orch.storage.consolidated import consolidate
-from zarr_orch.storage.coordinates import (
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.writers.chunk_writer import ChunkWriter
+from zarr_orch.storage.format.consolidated import consolidate
+from zarr_orch.storage.format.coordinates import (
     SPATIAL_REF,
     ensure_coordinates,
     geo_for_tile,
     raster_dims,
 )
-from zarr_orch.storage.encoding import (
+from zarr_orch.storage.format.encoding import (
     cast_tile,
     xarray_fill_attrs,
 )
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.zarr_io import publish
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.zarr_io import publish
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def prepare_product(
         group = zarr.create_group(staged, attributes=attributes, zarr_format=3)
         rec.create_records(group, plan.records, plan.grid_shape, plan.tag_names)
         if plan.describe_tiles and plan.kind == cst.CARS_DS_TYPE_ARRAY:
-            from zarr_orch.storage.tile_store import create_tile_descriptions
+            from zarr_orch.storage.readers.tile_store import create_tile_descriptions
 
             create_tile_descriptions(group, plan)
         publish(staged, store)
@@ -276,7 +276,7 @@ def prepare_product(
         group.attrs["zarr_orch"] = merged
     rec.create_records(group, plan.records, plan.grid_shape, plan.tag_names)
     if plan.describe_tiles and plan.kind == cst.CARS_DS_TYPE_ARRAY:
-        from zarr_orch.storage.tile_store import create_tile_descriptions
+        from zarr_orch.storage.readers.tile_store import create_tile_descriptions
 
         create_tile_descriptions(group, plan)
     forget_handles(plan.location)
@@ -565,7 +565,7 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
     if plan.all_variables:
         crcs = [rec.checksum(np.array(crcs, dtype="<u8"))]
     if plan.describe_tiles:
-        from zarr_orch.storage.tile_store import write_tile_description
+        from zarr_orch.storage.readers.tile_store import write_tile_description
 
         write_tile_description(plan, tile, row, col)
     result.record = _record(plan, result.nbytes, crcs)

@@ -17,9 +17,9 @@ import zarr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, TileError
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import ProductPlan, TileWrite, _group, _record, open_group
-from zarr_orch.storage.records import checksum, done_tiles
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.product import ProductPlan, TileWrite, _group, _record, open_group
+from zarr_orch.storage.format.records import checksum, done_tiles
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Integrity check of products: re-read every recorded tile and compare it with its record.
 
-A completion record (`zarr_orch.storage.records`) holds, per tag, the CRC32 of the cast
+A completion record (`zarr_orch.storage.format.records`) holds, per tag, the CRC32 of the cast
 core data the writer stored. `verify_product` re-reads each recorded tile's chunk of each
 tag and recomputes that CRC exactly as the writer did (the decoded region of the tile, C
 order; an edge tile's region is smaller than the chunk shape, and a tile zarr did not store
@@ -44,10 +44,10 @@ from zarr.core.sync import sync
 from zarr_orch import constants as cst
 from zarr_orch.commands import cli_command, shell_join
 from zarr_orch.errors import ProductError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.run_dir import listed_products
-from zarr_orch.storage.zarr_io import delete_key, get_many, list_keys, local_root
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.run_dir import listed_products
+from zarr_orch.storage.core.zarr_io import delete_key, get_many, list_keys, local_root
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class _ProductChecker:
 
     def _run_windowed(self, report: VerifyReport) -> VerifyReport:
         """Windowed products: chunks decode, no merge pending (records are not per chunk)."""
-        from zarr_orch.storage.verify_windowed import windowed_problems
+        from zarr_orch.storage.readers.verify_windowed import windowed_problems
 
         tags = list(self.info.get("tags") or {})
         for tag, problem in windowed_problems(self.group, self.store, tags):
@@ -543,7 +543,7 @@ class _ProductChecker:
     def _check_all_variables(self, name: str, batch: list[_Record]) -> list[list[tuple[str, str]]]:
         """Intermediate products: one CRC over the CRCs of the tile's raster variables, in
         the tile's variable order, read from the tile description the writer stores before
-        the record (``<records>_tiles``, see `zarr_orch.storage.tile_store`)."""
+        the record (``<records>_tiles``, see `zarr_orch.storage.readers.tile_store`)."""
         problems: list[list[tuple[str, str]]] = [[] for _ in batch]
         names: list[list[str] | None] = []
         for k, record in enumerate(batch):
@@ -608,7 +608,7 @@ class _ProductChecker:
 
     def _check_subgroup(self, record: _Record) -> list[tuple[str, str]]:
         """Points/dict tiles: the sub-group exists and reads; points columns match the CRC."""
-        from zarr_orch.storage.points import tile_group_name
+        from zarr_orch.storage.writers.points import tile_group_name
 
         name = tile_group_name(record.row, record.col)
         try:
@@ -705,7 +705,7 @@ def verify_run(
     `out_dir` may also be one product. With `repair`, the out_dir lease is taken first so
     that no run writes while records are deleted (a live run makes this raise LeaseError).
     """
-    from zarr_orch.storage.lease import Lease
+    from zarr_orch.storage.core.lease import Lease
 
     start = time.perf_counter()
     location = Location.parse(out_dir, storage_options)

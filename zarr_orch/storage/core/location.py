@@ -25,7 +25,7 @@ import fsspec
 
 from zarr_orch.conf import mask_secrets
 from zarr_orch.errors import ConfigurationError, StorageError
-from zarr_orch.storage.retry import (
+from zarr_orch.storage.core.retry import (
     DEFAULT_SETTINGS,
     RetryingStore,
     StorageSettings,

@@ -23,10 +23,10 @@ import numpy as np
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import StorageError, TileError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.chunk_writer import ChunkWriter
-from zarr_orch.storage.journal import MergeJournal
-from zarr_orch.storage.product import (
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.writers.chunk_writer import ChunkWriter
+from zarr_orch.storage.format.journal import MergeJournal
+from zarr_orch.storage.format.product import (
     ProductPlan,
     TagSpec,
     TileWrite,
@@ -35,7 +35,7 @@ from zarr_orch.storage.product import (
     open_tag_array,
     store_handle,
 )
-from zarr_orch.storage.zarr_io import set_many
+from zarr_orch.storage.core.zarr_io import set_many
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ChunkWriter:
         if self.location.is_local:
             atomic_write(os.path.join(self.location.url, *key.split("/")), *parts)
             return
-        from zarr_orch.storage.zarr_io import set_bytes
+        from zarr_orch.storage.core.zarr_io import set_bytes
 
         set_bytes(self._store_handle(), key, b"".join(parts))
 
@@ -145,12 +145,12 @@ class ChunkWriter:
         if self.location.is_local:
             remove_file(os.path.join(self.location.url, *key.split("/")))
             return
-        from zarr_orch.storage.zarr_io import delete_key
+        from zarr_orch.storage.core.zarr_io import delete_key
 
         delete_key(self._store_handle(), key)
 
     def _store_handle(self) -> Any:
-        from zarr_orch.storage.product import store_handle
+        from zarr_orch.storage.format.product import store_handle
 
         return store_handle(self.location)
 
