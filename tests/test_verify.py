@@ -31,8 +31,8 @@ from fault_tasks import negative_nan_tile
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator, generate_tiling_grid
-from zarr_orch.storage.format import records as rec
 from zarr_orch.storage.core.lease import LeaseError
+from zarr_orch.storage.format import records as rec
 from zarr_orch.storage.readers.verify import (
     MALFORMED,
     MISMATCH,

@@ -29,9 +29,9 @@ import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
 from zarr_orch.data.tiling import generate_tiling_grid
 from zarr_orch.errors import StorageError
+from zarr_orch.storage.core.zarr_io import get_bytes, list_keys, set_bytes
 from zarr_orch.storage.format.journal import MANIFEST, MergeJournal
 from zarr_orch.storage.readers.verify import verify_product
-from zarr_orch.storage.core.zarr_io import get_bytes, list_keys, set_bytes
 
 
 class NumpySaver:

@@ -229,8 +229,8 @@ def _json_value(value: Any) -> Any:
 def _cmd_info(args: argparse.Namespace) -> int:
     from zarr_orch.reading import find_run_metadata, read_product_info
     from zarr_orch.status import tile_status
+    from zarr_orch.storage.core.handles import open_group
     from zarr_orch.storage.core.location import Location
-    from zarr_orch.storage.format.product import open_group
 
     location = Location.parse(args.product)
     info = read_product_info(location)

@@ -56,18 +56,15 @@ from zarr_orch.registry.plan import (
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import Receipt, TileSink
 from zarr_orch.runlog import RunLog
-from zarr_orch.storage.format.consolidated import consolidate_all
 from zarr_orch.storage.core.lease import Lease
 from zarr_orch.storage.core.location import Location
-from zarr_orch.storage.format.product import (
-    ProductPlan,
-    prepare_product,
-    product_differences,
-    read_window,
-)
-from zarr_orch.storage.format.records import RecordWriter
 from zarr_orch.storage.core.retry import StorageSettings
 from zarr_orch.storage.core.run_dir import name_in, place
+from zarr_orch.storage.format.consolidated import consolidate_all
+from zarr_orch.storage.format.product import ProductPlan, product_differences
+from zarr_orch.storage.format.records import RecordWriter
+from zarr_orch.storage.readers.windows import read_window
+from zarr_orch.storage.writers.prepare import prepare_product
 from zarr_orch.storage.writers.window_writer import read_merged, recover_merges
 
 logger = logging.getLogger(__name__)

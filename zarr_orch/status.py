@@ -29,9 +29,9 @@ from zarr_orch.reading import (
     read_json,
     read_product_info,
 )
-from zarr_orch.storage.format import records as rec
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.core.run_dir import listed_products, log_location
+from zarr_orch.storage.format import records as rec
 
 logger = logging.getLogger(__name__)
 

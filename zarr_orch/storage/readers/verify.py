@@ -44,10 +44,13 @@ from zarr.core.sync import sync
 from zarr_orch import constants as cst
 from zarr_orch.commands import cli_command, shell_join
 from zarr_orch.errors import ProductError
-from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.core.lease import Lease
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.core.run_dir import listed_products
 from zarr_orch.storage.core.zarr_io import delete_key, get_many, list_keys, local_root
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.product import read_product_info, tile_group_name
+from zarr_orch.storage.readers.verify_windowed import windowed_problems
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +178,6 @@ def verify_product(
     Raises `ProductError` when `url` is not a readable zarr_orch product. With `repair`,
     the records of bad tiles (and malformed records) are deleted afterwards.
     """
-    from zarr_orch.reading import read_product_info
-
     start = time.perf_counter()
     location = Location.parse(url, storage_options)
     info = read_product_info(location)
@@ -240,8 +241,6 @@ class _ProductChecker:
 
     def _run_windowed(self, report: VerifyReport) -> VerifyReport:
         """Windowed products: chunks decode, no merge pending (records are not per chunk)."""
-        from zarr_orch.storage.readers.verify_windowed import windowed_problems
-
         tags = list(self.info.get("tags") or {})
         for tag, problem in windowed_problems(self.group, self.store, tags):
             kind = UNDECODABLE if tag else UNFINISHED_MERGE
@@ -608,8 +607,6 @@ class _ProductChecker:
 
     def _check_subgroup(self, record: _Record) -> list[tuple[str, str]]:
         """Points/dict tiles: the sub-group exists and reads; points columns match the CRC."""
-        from zarr_orch.storage.writers.points import tile_group_name
-
         name = tile_group_name(record.row, record.col)
         try:
             tile_group = self.group[name]
@@ -705,8 +702,6 @@ def verify_run(
     `out_dir` may also be one product. With `repair`, the out_dir lease is taken first so
     that no run writes while records are deleted (a live run makes this raise LeaseError).
     """
-    from zarr_orch.storage.core.lease import Lease
-
     start = time.perf_counter()
     location = Location.parse(out_dir, storage_options)
     if not location.exists():
