@@ -30,7 +30,7 @@ from zarr_orch.cars_compat import (
     update_saving_infos,
 )
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
-from zarr_orch.conf import mask_secrets, validate_conf
+from zarr_orch.conf import validate_conf
 from zarr_orch.data.cars_dataset import is_concrete_tile
 from zarr_orch.data.documents import dump_document, format_for
 from zarr_orch.errors import (
@@ -56,6 +56,7 @@ from zarr_orch.registry.plan import (
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import Receipt, TileSink
 from zarr_orch.runlog import RunLog
+from zarr_orch.secrets import mask_secrets
 from zarr_orch.storage.core.lease import Lease
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.core.retry import StorageSettings
