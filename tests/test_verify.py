@@ -33,15 +33,14 @@ import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator, generate_tiling_grid
 from zarr_orch.storage.core.lease import LeaseError
 from zarr_orch.storage.format import records as rec
-from zarr_orch.storage.readers.verify import (
+from zarr_orch.storage.readers.verify import verify_product, verify_run
+from zarr_orch.storage.readers.verify_report import (
     MALFORMED,
     MISMATCH,
     MISSING_CHUNK,
     MISSING_GROUP,
     UNDECODABLE,
     VerifyReport,
-    verify_product,
-    verify_run,
 )
 
 H, W, TILE = 60, 90, (32, 48)  # 2x2 tiles, the last row and column are edge tiles
