@@ -272,5 +272,6 @@ def test_layer_order_is_the_documented_one() -> None:
     """The layers table of docs/architecture.md lists the layers in this order."""
     text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
     positions = [text.find(f"| {name} |") for _, name, _ in LAYERS]
-    assert all(p >= 0 for p in positions), [n for (_, n, _), p in zip(LAYERS, positions) if p < 0]
+    missing = [name for (_, name, _), pos in zip(LAYERS, positions, strict=True) if pos < 0]
+    assert not missing, f"layers missing from the table of docs/architecture.md: {missing}"
     assert positions == sorted(positions)
