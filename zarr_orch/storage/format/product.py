@@ -124,10 +124,7 @@ class TileWrite:
     record: tuple[str, bytes] | None = None
 
 
-# -- store handles (cached per process: workers reopen from the URL) ------------------------------
-
-
-# -- preparing a product (main process, before tasks start) ---------------------------------------
+# -- what is on disk: the product attributes and layout checks -----------------------------------
 
 
 def product_info(location: Location, reading: bool = False) -> dict[str, Any] | None:

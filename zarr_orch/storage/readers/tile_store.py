@@ -54,9 +54,6 @@ class StoredTileError(ProductError):
     """A tile served from the store no longer matches what its task returned."""
 
 
-# -- pieces shared with neighbours ---------------------------------------------------------------
-
-
 # -- serving done tiles at a breakpoint ----------------------------------------------------------
 
 

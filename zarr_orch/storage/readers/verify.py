@@ -158,6 +158,3 @@ def _subdirectories(location: Location) -> list[str]:
         if e.get("type") == "directory"
     ]
     return sorted(n for n in names if n)
-
-
-# -- helpers ------------------------------------------------------------------------------------

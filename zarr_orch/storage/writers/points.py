@@ -1,4 +1,4 @@
-"""Point-cloud and dict products: one sub-group per tile inside the product group.
+"""Writing point-cloud and dict tiles: one sub-group per tile inside the product group.
 
 Points tiles (pandas DataFrames) keep each column as a 1-D array and the frame's attrs as
 JSON; dict tiles (CarsDict) are stored as JSON attributes. A tile's sub-group is replaced
