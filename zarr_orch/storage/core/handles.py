@@ -16,6 +16,7 @@ _HANDLES: dict[tuple[Any, ...], Any] = {}
 
 
 def cached_handle(kind: str, location: Location, name: str, opener: Any) -> Any:
+    """The handle `opener()` returns, opened once per (process, kind, product, name)."""
     key = (os.getpid(), kind, location.url, name)
     handle = _HANDLES.get(key)
     if handle is None:
@@ -39,6 +40,7 @@ def open_group(location: Location, mode: str = "r+") -> zarr.Group:
 
 
 def cached_group(location: Location) -> zarr.Group:
+    """The product's group opened for writing, once per process."""
     return cached_handle("group", location, "", lambda: open_group(location, "r+"))
 
 

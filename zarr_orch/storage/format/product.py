@@ -184,6 +184,7 @@ def product_differences(plan: ProductPlan, components: dict[str, Any]) -> list[s
 
 
 def old_format_message(info: dict[str, Any]) -> str:
+    """Why a product of an older format version cannot be resumed (and what still reads it)."""
     version = info.get("format_version", 0)
     return (
         f"product format version {version}, this zarr_orch writes version {FORMAT_VERSION} "
@@ -192,6 +193,7 @@ def old_format_message(info: dict[str, Any]) -> str:
 
 
 def check_existing_arrays(group: zarr.Group, plan: ProductPlan) -> None:
+    """Refuse (ProductError) existing tag arrays whose layout differs from the plan."""
     problems = _array_problems(group, plan)
     if problems:
         raise ProductError(

@@ -21,9 +21,7 @@ from zarr_orch.storage.format.encoding import cast_tile, to_json_safe
 from zarr_orch.storage.format.product import ProductPlan
 from zarr_orch.storage.format.records import META_GROUP, checksum
 
-Box = tuple[int, int, int, int]
-
-
+#: rows and cols (product pixels) of a rectangle: (r0, r1, c0, c1)
 Box = tuple[int, int, int, int]
 
 
@@ -161,6 +159,7 @@ def tile_box(window: dict, overlaps: dict) -> Box:
 
 
 def piece_key(rect: Box) -> str:
+    """The key of a shared piece in a description's ``pieces``."""
     return "{}:{}:{}:{}".format(*rect)
 
 
