@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from zarr_orch.demo import run_demo
-from zarr_orch.storage import tile_store
+from zarr_orch.storage.readers import tile_store
 
 
 def main() -> None:

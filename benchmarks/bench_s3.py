@@ -41,7 +41,7 @@ import tiles
 
 from zarr_orch import Orchestrator
 from zarr_orch.cluster.base import AbstractCluster
-from zarr_orch.storage import records
+from zarr_orch.storage.format import records
 
 HOST = "127.0.0.1"
 KEY, SECRET = "benchkey", "benchsecret"
@@ -92,7 +92,7 @@ def case_plain(size: int, tile: int, url: str, options: dict[str, Any]) -> Calla
     """Plain loop: create the array, compute each tile here and write it as one chunk."""
     import zarr
 
-    from zarr_orch.storage.product import compressors_for
+    from zarr_orch.storage.format.product import compressors_for
 
     def run() -> None:
         array = zarr.create_array(

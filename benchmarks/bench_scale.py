@@ -108,9 +108,10 @@ def records_startup(base: str, n: int, tile: int) -> tuple[float, float]:
     """(listing, writing) seconds for the n x n completion records of one product."""
     from zarr_orch.registry.plan import build_plans, product_attributes
     from zarr_orch.registry.registries import SaveEntry, TrackedDataset
-    from zarr_orch.storage.location import Location
-    from zarr_orch.storage.product import done_tiles, prepare_product
-    from zarr_orch.storage.records import RecordWriter, record_bytes
+    from zarr_orch.storage.core.location import Location
+    from zarr_orch.storage.format.records import RecordWriter, record_bytes
+    from zarr_orch.storage.readers.windows import done_tiles
+    from zarr_orch.storage.writers.prepare import prepare_product
 
     ds = CarsDataset("arrays", name="records")
     ds.tiling_grid = zarr_orch.generate_tiling_grid(0, 0, n * tile, n * tile, tile, tile)

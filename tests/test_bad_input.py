@@ -22,8 +22,8 @@ from app_tasks import (
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format import records as rec
 
 H, W, TILE = 60, 90, (32, 48)
 

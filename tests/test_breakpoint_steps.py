@@ -20,7 +20,7 @@ from zarr_orch.breakpoint.serve import serve_resumed
 from zarr_orch.breakpoint.state import RunState
 from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
 from zarr_orch.registry.merge_order import MergeOrder
-from zarr_orch.storage.records import RecordWriter
+from zarr_orch.storage.format.records import RecordWriter
 
 H, W, TILE = 64, 128, (32, 64)  # a 2 x 2 grid
 CONF = {"mode": "sequential", "progress": False, "max_retries": 0}

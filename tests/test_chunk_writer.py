@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import zarr
 
-from zarr_orch.storage.chunk_writer import ChunkWriter, atomic_write
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import compressors_for
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.product import compressors_for
+from zarr_orch.storage.writers.chunk_writer import ChunkWriter, atomic_write
 
 
 def chunk_files(root: Path) -> dict[str, bytes]:

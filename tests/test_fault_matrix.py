@@ -31,10 +31,10 @@ from fault_tasks import leaky_tile, ndarray_tile, random_tile, typed_tile
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
-from zarr_orch.storage import chunk_writer
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.lease import LeaseError
-from zarr_orch.storage.verify import verify_product
+from zarr_orch.storage.core.lease import LeaseError
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.readers.verify import verify_product
+from zarr_orch.storage.writers import chunk_writer
 
 H, W, TILE = 60, 90, (32, 48)
 SEQ = {"mode": "sequential", "max_retries": 0, "progress": False}

@@ -25,8 +25,8 @@ from rasterio.crs import CRS
 import zarr_orch as ocht
 from zarr_orch import CarsDataset, Orchestrator, TaskFailedError, fill_dataset
 from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
-from zarr_orch.storage.geotiff import GeoTiffError, GeoTiffReport, write_geotiff
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.writers.geotiff import GeoTiffError, GeoTiffReport, write_geotiff
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORM = Affine(0.5, 0.0, 600000.0, 0.0, -0.5, 4800000.0)
@@ -228,7 +228,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np, rasterio, zarr, xarray  # the libraries the export uses, loaded first
-    from zarr_orch.storage.geotiff import write_geotiff
+    from zarr_orch.storage.writers.geotiff import write_geotiff
 
     def rss(field):
         for line in open("/proc/self/status"):

@@ -23,7 +23,7 @@ import zarr_orch as ocht
 from zarr_orch import CarsDataset, Orchestrator, TaskFailedError, fill_dataset
 from zarr_orch.cluster.base import AbstractCluster
 from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
-from zarr_orch.storage.product import FORMAT_VERSION
+from zarr_orch.storage.format.product import FORMAT_VERSION
 
 GDAL_VERSION = tuple(int(v) for v in rasterio.__gdal_version__.split(".")[:2])
 needs_gdal_zarr_v3 = pytest.mark.skipif(
@@ -234,7 +234,7 @@ def test_consolidated_metadata_follows_breakpoints(tmp_path: Path) -> None:
 def test_crs_inputs_are_stored_as_full_wkt(tmp_path: Path) -> None:
     import pyproj
 
-    from zarr_orch.storage.encoding import crs_to_wkt
+    from zarr_orch.storage.format.encoding import crs_to_wkt
 
     for given in (
         CRS_EPSG,
@@ -292,7 +292,7 @@ def old_run(tmp_path: Path) -> Path:
 
 def test_old_products_are_still_read(old_run: Path) -> None:
     from zarr_orch.status import open_run
-    from zarr_orch.storage.verify import verify_product
+    from zarr_orch.storage.readers.verify import verify_product
 
     ds = ocht.open_product(old_run / "dsm.zarr")
     assert ds.attrs["zarr_orch"]["format_version"] == 1

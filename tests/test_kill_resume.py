@@ -23,7 +23,7 @@ import psutil
 import pytest
 import zarr
 
-from zarr_orch.storage import records as rec
+from zarr_orch.storage.format import records as rec
 
 PIPELINE = Path(__file__).with_name("kill_pipeline.py")
 ROOT = Path(__file__).resolve().parents[1]

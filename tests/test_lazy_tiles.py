@@ -22,10 +22,11 @@ import zarr
 from zarr_orch import CarsDataset, Orchestrator, fill_dataset, update_saving_infos
 from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
 from zarr_orch.errors import TaskFailedError
-from zarr_orch.storage import tile_store
-from zarr_orch.storage.records import META_GROUP
-from zarr_orch.storage.tile_store import StoredTileError, _decode_exact, _encode_exact
-from zarr_orch.storage.verify import verify_run
+from zarr_orch.storage.format.records import META_GROUP
+from zarr_orch.storage.format.tile_descriptions import decode_exact, encode_exact
+from zarr_orch.storage.readers import tile_store
+from zarr_orch.storage.readers.tile_store import StoredTileError
+from zarr_orch.storage.readers.verify import verify_run
 
 H, W, TILE, OVERLAP = 96, 128, 32, 2
 CELLS = [(r, c) for r in range(H // TILE) for c in range(W // TILE)]
@@ -390,6 +391,6 @@ def test_a_pickled_lazy_tile_loads_where_it_is_unpickled(tmp_path, reference):
     ],
 )
 def test_attrs_come_back_with_their_types(value):
-    back = _decode_exact(json.loads(json.dumps(_encode_exact(value))))
+    back = decode_exact(json.loads(json.dumps(encode_exact(value))))
     assert repr(back) == repr(value)
     assert [type(v) for v in back.values()] == [type(v) for v in value.values()]

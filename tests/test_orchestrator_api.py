@@ -388,8 +388,8 @@ def test_all_nodata_tiles_are_done_and_read_as_nodata(conf, out_dir):
     assert (array[...] == -9999).all()
     meta = json.loads((out_dir / "metadata.json").read_text())
     assert meta["zarr_orch"]["products"]["empty.tif"]["tiles_done"] == 4  # ... still done
-    from zarr_orch.storage.location import Location
-    from zarr_orch.storage.product import done_tiles
+    from zarr_orch.storage.core.location import Location
+    from zarr_orch.storage.readers.windows import done_tiles
 
     info = zo.open_product(str(out_dir / "empty.zarr")).attrs["zarr_orch"]
     assert done_tiles(Location.parse(out_dir / "empty.zarr"), info["records"][0]) == {

@@ -13,8 +13,10 @@ import zarr
 
 from zarr_orch import fill_dataset
 from zarr_orch.errors import ConfigurationError, ProductError, TileError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.encoding import (
+from zarr_orch.storage.core.handles import forget_handles
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.encoding import (
     cast_tile,
     check_nodata,
     crs_to_wkt,
@@ -22,19 +24,16 @@ from zarr_orch.storage.encoding import (
     normalize_dtype,
     xarray_fill_attrs,
 )
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import (
+from zarr_orch.storage.format.product import (
     FORMAT_NAME,
     FORMAT_VERSION,
     ProductPlan,
     TagSpec,
-    done_tiles,
-    forget_handles,
-    prepare_product,
     product_info,
-    read_window,
-    write_arrays_tile,
 )
+from zarr_orch.storage.readers.windows import done_tiles, read_window
+from zarr_orch.storage.writers.arrays import write_arrays_tile
+from zarr_orch.storage.writers.prepare import prepare_product
 
 H, W, CH, CW = 50, 70, 20, 30  # 3x3 tiles, last row/col smaller
 

@@ -20,8 +20,8 @@ from zarr_orch import CarsDataset, Orchestrator, ProductError, TaskFailedError, 
 from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
 from zarr_orch.reading import done_grid, open_product, read_product_info
 from zarr_orch.status import open_run, status_map, summarize_product, tile_status
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format import records as rec
 
 HEIGHT, WIDTH, TILE_H, TILE_W = 50, 70, 30, 20  # 2 x 4 tiles, last row/col smaller
 FAILING = (1, 1)

@@ -21,8 +21,8 @@ import zarr
 from app_tasks import array_tile, arrays_dataset, full_field, profile_for, schedule
 
 from zarr_orch import Orchestrator, ProductError, open_product
-from zarr_orch.storage.lease import LeaseError
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.lease import LeaseError
+from zarr_orch.storage.core.location import Location
 
 H, W, TILE = 96, 128, (32, 64)
 
@@ -204,7 +204,7 @@ def test_tile_status_follows_the_records(where):
     _run(out, options)
     group = zarr.open_group(Location.parse(f"{out}/dem.zarr", options).zarr_store(), mode="r")
     name = group.attrs["zarr_orch"]["records"][0]
-    from zarr_orch.storage.records import forget_tiles, open_records
+    from zarr_orch.storage.format.records import forget_tiles, open_records
 
     store = Location.parse(f"{out}/dem.zarr", options).zarr_store()
     forget_tiles(open_records(store, name, mode="r+"), [(1, 1)])

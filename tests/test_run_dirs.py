@@ -20,8 +20,8 @@ import zarr
 from app_tasks import array_tile, arrays_dataset, full_field, profile_for, schedule
 
 from zarr_orch import Orchestrator, open_run
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.verify import verify_run
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.readers.verify import verify_run
 
 H, W, TILE = 60, 90, (32, 48)  # 2x2 tiles
 SEQ = {"mode": "sequential", "max_retries": 0, "progress": False}

@@ -28,9 +28,14 @@ from zarr_orch.data.tiling import overlap_array_to_dict, window_array_to_dict
 from zarr_orch.demo import run_demo
 from zarr_orch.errors import ConfigurationError, StorageError, TaskFailedError, ZarrOrchError
 from zarr_orch.reading import open_product
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.records import META_GROUP
-from zarr_orch.storage.retry import RetryingStore, StorageSettings, call_with_retry, is_transient
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.retry import (
+    RetryingStore,
+    StorageSettings,
+    call_with_retry,
+    is_transient,
+)
+from zarr_orch.storage.format.records import META_GROUP
 
 pytest.importorskip("s3fs")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from zarr_orch.storage import records as rec
+from zarr_orch.storage.format import records as rec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

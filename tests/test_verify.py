@@ -31,17 +31,16 @@ from fault_tasks import negative_nan_tile
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator, generate_tiling_grid
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.lease import LeaseError
-from zarr_orch.storage.verify import (
+from zarr_orch.storage.core.lease import LeaseError
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.readers.verify import verify_product, verify_run
+from zarr_orch.storage.readers.verify_report import (
     MALFORMED,
     MISMATCH,
     MISSING_CHUNK,
     MISSING_GROUP,
     UNDECODABLE,
     VerifyReport,
-    verify_product,
-    verify_run,
 )
 
 H, W, TILE = 60, 90, (32, 48)  # 2x2 tiles, the last row and column are edge tiles

@@ -29,9 +29,9 @@ import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
 from zarr_orch.data.tiling import generate_tiling_grid
 from zarr_orch.errors import StorageError
-from zarr_orch.storage.journal import MANIFEST, MergeJournal
-from zarr_orch.storage.verify import verify_product
-from zarr_orch.storage.zarr_io import get_bytes, list_keys, set_bytes
+from zarr_orch.storage.core.zarr_io import get_bytes, list_keys, set_bytes
+from zarr_orch.storage.format.journal import MANIFEST, MergeJournal
+from zarr_orch.storage.readers.verify import verify_product
 
 
 class NumpySaver:
@@ -286,7 +286,7 @@ def test_torn_manifest_means_the_merge_never_began(tmp_path):
 def test_on_s3_a_half_applied_merge_is_rolled_back_at_start_up(s3_options, s3_bucket):
     """Same merges on S3; a journaled merge left by a crash is undone by the next run."""
     pytest.importorskip("s3fs")
-    from zarr_orch.storage.location import Location
+    from zarr_orch.storage.core.location import Location
 
     url = f"s3://{s3_bucket}/run"
     conf = {"mode": "sequential", "progress": False, "storage_options": s3_options}

@@ -24,8 +24,8 @@ import psutil
 import pytest
 import zarr
 
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.journal import MANIFEST
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.journal import MANIFEST
 
 PIPELINE = Path(__file__).with_name("windowed_tasks.py")
 ROOT = Path(__file__).resolve().parents[1]

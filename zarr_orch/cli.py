@@ -229,8 +229,8 @@ def _json_value(value: Any) -> Any:
 def _cmd_info(args: argparse.Namespace) -> int:
     from zarr_orch.reading import find_run_metadata, read_product_info
     from zarr_orch.status import tile_status
-    from zarr_orch.storage.location import Location
-    from zarr_orch.storage.product import open_group
+    from zarr_orch.storage.core.handles import open_group
+    from zarr_orch.storage.core.location import Location
 
     location = Location.parse(args.product)
     info = read_product_info(location)
@@ -338,7 +338,7 @@ def _add_verify_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from zarr_orch.storage.verify import verify_run
+    from zarr_orch.storage.readers.verify import verify_run
 
     try:
         report = verify_run(args.out, repair=args.repair)
@@ -383,7 +383,7 @@ def _add_export_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from zarr_orch.storage.geotiff import write_geotiff
+    from zarr_orch.storage.writers.geotiff import write_geotiff
 
     overviews: Any = args.overviews
     if overviews not in ("auto", "none"):

@@ -1,4 +1,4 @@
-"""Orchestrator configuration: validation, defaults and secret masking.
+"""Orchestrator configuration: validation and defaults (secret masking: `zarr_orch.secrets`).
 
 The conf is a plain dict, as in CARS. Common keys are checked here, mode keys by the
 cluster class of the chosen mode (`CONF_OPTIONS`); CARS 1.3 keys without an effect here
@@ -23,12 +23,6 @@ from zarr_orch.errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODE = "multiprocessing"
-
-#: substrings of keys whose values are secrets (masked in get_conf, logs and metadata)
-SECRET_KEY_PARTS = ("secret", "password", "token", "key", "credential", "session")
-#: keys containing a secret-looking part that are nevertheless not secrets
-NOT_SECRET_KEYS = frozenset({"run_key", "cars_ds_key", "key_prefix", "endpoint_url", "region"})
-MASK = "***"
 
 
 def positive_number_or_none(name: str) -> Any:
@@ -312,27 +306,3 @@ def validate_conf(
     if ignored:
         logger.info("orchestrator conf keys without effect in zarr_orch: %s", "; ".join(ignored))
     return cluster_cls, cluster_cls.resolve_conf(checked)
-
-
-def is_secret_key(key: str) -> bool:
-    """True when a conf/option key names a credential."""
-    lowered = key.lower()
-    if lowered in NOT_SECRET_KEYS:
-        return False
-    return any(part in lowered for part in SECRET_KEY_PARTS)
-
-
-def mask_secrets(obj: Any) -> Any:
-    """A deep copy of `obj` with the values of secret-looking keys replaced by '***'."""
-    if isinstance(obj, Mapping):
-        return {
-            key: (
-                MASK
-                if isinstance(key, str) and is_secret_key(key) and value is not None
-                else mask_secrets(value)
-            )
-            for key, value in obj.items()
-        }
-    if isinstance(obj, list | tuple):
-        return type(obj)(mask_secrets(v) for v in obj)
-    return obj

@@ -2,12 +2,12 @@
 
 CARS applications register ``dsm.tif`` and read it back in the next step (or update it in
 place). The Zarr product stays the primary store; once a breakpoint's tiles are all written,
-every ``.tif``/``.tiff`` name it saved is written by `zarr_orch.storage.geotiff.write_geotiff`
-(tile by tile, bounded memory, temp name + rename), with CARS's GeoTIFF options
-(``rio_band_description``, ``rio_tags``, ``nbits``) kept as attributes of the tag array. A
-rerun whose tiles were all resumed writes the file again, so a run killed between the Zarr
-product and its GeoTIFF completes it without recomputing a tile. Conf key
-``geotiff_outputs: false`` keeps runs Zarr-only.
+every ``.tif``/``.tiff`` name it saved is written by
+`zarr_orch.storage.writers.geotiff.write_geotiff` (tile by tile, bounded memory, temp name +
+rename), with CARS's GeoTIFF options (``rio_band_description``, ``rio_tags``, ``nbits``) kept as
+attributes of the tag array. A rerun whose tiles were all resumed writes the file again, so a
+run killed between the Zarr product and its GeoTIFF completes it without recomputing a tile.
+Conf key ``geotiff_outputs: false`` keeps runs Zarr-only.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ConfigurationError
-from zarr_orch.storage.consolidated import consolidate
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import ProductPlan, open_group
+from zarr_orch.storage.core.handles import open_group
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.consolidated import consolidate
+from zarr_orch.storage.format.product import ProductPlan
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class GeoTiffOutputs:
         return written
 
     def _write(self, plan: ProductPlan, tag: str, dest: Location) -> str:
-        from zarr_orch.storage.geotiff import write_geotiff
+        from zarr_orch.storage.writers.geotiff import write_geotiff
 
         start = time.perf_counter()
         report = write_geotiff(

@@ -44,7 +44,7 @@ from zarr_orch.cars_compat import (
     update_saving_infos,
 )
 from zarr_orch.cluster.base import AbstractCluster
-from zarr_orch.conf import mask_secrets, validate_conf
+from zarr_orch.conf import validate_conf
 from zarr_orch.data.documents import dump_document, format_for
 from zarr_orch.errors import ConfigurationError
 from zarr_orch.geotiff_outputs import GeoTiffOptions, GeoTiffOutputs
@@ -55,10 +55,11 @@ from zarr_orch.registry.ids import IdGenerator
 from zarr_orch.registry.merge_order import MergeOrder
 from zarr_orch.registry.plan import product_location
 from zarr_orch.registry.registries import Registries
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.records import RecordWriter
-from zarr_orch.storage.retry import StorageSettings
-from zarr_orch.storage.run_dir import name_in
+from zarr_orch.secrets import mask_secrets
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.retry import StorageSettings
+from zarr_orch.storage.core.run_dir import name_in
+from zarr_orch.storage.format.records import RecordWriter
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ import os
 import shutil
 from typing import Any
 
-from zarr_orch.conf import mask_secrets
 from zarr_orch.errors import ConfigurationError
 from zarr_orch.runlog import RunLog
-from zarr_orch.storage.lease import Lease
-from zarr_orch.storage.location import Location
+from zarr_orch.secrets import mask_secrets
+from zarr_orch.storage.core.lease import Lease
+from zarr_orch.storage.core.location import Location
 
 logger = logging.getLogger(__name__)
 

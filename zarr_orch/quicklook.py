@@ -18,8 +18,8 @@ import numpy as np
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, ZarrOrchError
 from zarr_orch.reading import PathLike, find_run_metadata, open_product, read_product_info
-from zarr_orch.status import DONE, FAILED, MISSING, _tile_status
-from zarr_orch.storage.location import Location
+from zarr_orch.status import DONE, FAILED, MISSING, product_tile_status
+from zarr_orch.storage.core.location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def quicklook(
         raise ValueError(f"max_size must be at least 16 pixels, got {max_size}")
     if metadata is None:
         metadata = find_run_metadata(location, info)
-    status = _tile_status(location, info, tag, metadata)
+    status = product_tile_status(location, info, tag, metadata)
     fig = figure_cls(figsize=figsize, dpi=dpi)
     ax = fig.add_subplot()
     grid_rows, grid_cols = status.shape

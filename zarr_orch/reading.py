@@ -21,9 +21,9 @@ import xarray as xr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import product_info
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.product import read_product_info
 
 logger = logging.getLogger(__name__)
 
@@ -34,24 +34,6 @@ PathLike = str | os.PathLike[str] | Location
 
 
 # -- product attributes ---------------------------------------------------------------------------
-
-
-def read_product_info(location: Location) -> dict[str, Any]:
-    """The ``zarr_orch`` attributes of the product at `location`, checked for reading.
-
-    Unlike the writer's check, every problem is an error here (nothing there, not a Zarr v3
-    group, not written by zarr_orch, a newer format): a reader must not guess.
-    """
-    try:
-        exists = location.exists()
-    except Exception as exc:  # network / credentials problems: say where
-        raise ProductError(f"cannot access {location.url}: {type(exc).__name__}: {exc}") from None
-    if not exists:
-        raise ProductError(f"{location.url} does not exist")
-    info = product_info(location, reading=True)
-    if info is None:
-        raise ProductError(f"no zarr_orch product at {location.url} (not a Zarr v3 group)")
-    return info
 
 
 # -- completion records ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from typing import Any
 
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
 
 logger = logging.getLogger(__name__)
 

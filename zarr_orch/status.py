@@ -29,9 +29,9 @@ from zarr_orch.reading import (
     read_json,
     read_product_info,
 )
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.run_dir import listed_products, log_location
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.run_dir import listed_products, log_location
+from zarr_orch.storage.format import records as rec
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,13 @@ def tile_status(
     """
     location = Location.parse(path_or_url, storage_options)
     info = read_product_info(location)
-    return _tile_status(location, info, tag, metadata)
+    return product_tile_status(location, info, tag, metadata)
 
 
-def _tile_status(
+def product_tile_status(
     location: Location, info: dict[str, Any], tag: str | None, metadata: dict[str, Any] | None
 ) -> xr.DataArray:
+    """`tile_status` of a product already opened (its checked `info` and run `metadata`)."""
     grid_shape = tuple(int(v) for v in info.get("tile_grid_shape") or (0, 0))
     all_tags = list((info.get("tags") or {}).keys())
     if tag is not None and tag not in all_tags:
@@ -269,7 +270,7 @@ def summarize_product(
         summary.dataset = info.get("dataset")
         summary.file_name = info.get("file_name")
         summary.tags = list((info.get("tags") or {}).keys())
-        status = _tile_status(
+        status = product_tile_status(
             location,
             info,
             None,

@@ -18,10 +18,10 @@ from zarr_orch.errors import StorageError, TaskFailedError
 from zarr_orch.progress import StageSummary
 from zarr_orch.registry.registries import Registries
 from zarr_orch.registry.sink import Receipt, TileSink
-from zarr_orch.storage.consolidated import consolidate_all
-from zarr_orch.storage.product import ProductPlan
-from zarr_orch.storage.records import RecordWriter
-from zarr_orch.storage.run_dir import place
+from zarr_orch.storage.core.run_dir import place
+from zarr_orch.storage.format.consolidated import consolidate_all
+from zarr_orch.storage.format.product import ProductPlan
+from zarr_orch.storage.format.records import RecordWriter
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from zarr_orch.progress import StageSummary
 from zarr_orch.registry.merge_order import MergeOrder
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.registry.sink import TileSink
-from zarr_orch.storage.product import ProductPlan
+from zarr_orch.storage.format.product import ProductPlan
 
 
 class ServeEntry(NamedTuple):

@@ -20,9 +20,10 @@ from zarr_orch.registry.plan import (
     product_location,
 )
 from zarr_orch.registry.registries import Registries, TrackedDataset
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import ProductPlan, prepare_product, product_differences
-from zarr_orch.storage.window_writer import recover_merges
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.product import ProductPlan, product_differences
+from zarr_orch.storage.writers.prepare import prepare_product
+from zarr_orch.storage.writers.window_writer import recover_merges
 
 logger = logging.getLogger(__name__)
 

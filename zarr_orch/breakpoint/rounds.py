@@ -18,7 +18,7 @@ from zarr_orch.interrupts import InterruptGuard, interrupt_message, interrupted
 from zarr_orch.progress import StageSummary
 from zarr_orch.registry.merge_order import MergeOrder
 from zarr_orch.registry.sink import Receipt, TileSink
-from zarr_orch.storage.product import ProductPlan
+from zarr_orch.storage.format.product import ProductPlan
 
 logger = logging.getLogger(__name__)
 failures_logger = logging.getLogger("zarr_orch.failures")

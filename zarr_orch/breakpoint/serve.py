@@ -15,9 +15,9 @@ from zarr_orch.breakpoint.plan import ServeEntry
 from zarr_orch.breakpoint.state import Cell, RunState
 from zarr_orch.registry.registries import TrackedDataset
 from zarr_orch.registry.sink import TileSink
-from zarr_orch.storage.product import read_window
-from zarr_orch.storage.tile_store import serve_tiles
-from zarr_orch.storage.window_writer import read_merged
+from zarr_orch.storage.readers.tile_store import serve_tiles
+from zarr_orch.storage.readers.windows import read_window
+from zarr_orch.storage.writers.window_writer import read_merged
 
 logger = logging.getLogger(__name__)
 

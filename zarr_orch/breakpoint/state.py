@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zarr_orch.storage.product import ProductPlan
+from zarr_orch.storage.format.product import ProductPlan
 
 logger = logging.getLogger(__name__)
 

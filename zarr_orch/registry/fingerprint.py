@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from zarr_orch.storage.product import ProductPlan
+from zarr_orch.storage.format.product import ProductPlan
 
 
 def _array_digest(array: Any) -> str | None:
@@ -52,12 +52,3 @@ def digest(components: dict) -> str:
     """Stable short hash of fingerprint components."""
     text = json.dumps(components, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:20]
-
-
-def describe_differences(stored: dict, current: dict) -> list[str]:
-    """Human-readable list of what differs between two component dicts."""
-    lines = []
-    for key in sorted(set(stored) | set(current)):
-        if stored.get(key) != current.get(key):
-            lines.append(f"{key}: was {stored.get(key)!r}, now {current.get(key)!r}")
-    return lines

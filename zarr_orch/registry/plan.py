@@ -18,8 +18,8 @@ from zarr_orch import constants as cst
 from zarr_orch.data.tiling import grid_extent, regular_chunk_shape
 from zarr_orch.errors import ConfigurationError, MisalignedGridError
 from zarr_orch.registry.registries import SaveEntry, TrackedDataset
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import (
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format.product import (
     ALL_VARIABLES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -27,7 +27,7 @@ from zarr_orch.storage.product import (
     TagSpec,
     now_iso,
 )
-from zarr_orch.storage.window_writer import WINDOW_CHUNK
+from zarr_orch.storage.writers.window_writer import WINDOW_CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def product_attributes(plan: ProductPlan, cars_ds: Any, file_name: str) -> dict[
             "tile_grid_shape": list(plan.grid_shape),
             "extent": list(plan.extent),
             # pixel (row, col) of tile (0, 0): tile (r, c) is chunk (r + row // tile height,
-            # c + col // tile width) of each tag (zarr_orch.storage.verify reads it)
+            # c + col // tile width) of each tag (zarr_orch.storage.readers.verify reads it)
             "grid_origin": _grid_origin(plan, cars_ds),
             "max_overlaps": [int(v) for v in overlaps.max(axis=(0, 1))]
             if overlaps is not None and overlaps.size

@@ -14,8 +14,8 @@ import numpy as np
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ConfigurationError
-from zarr_orch.storage.encoding import check_nodata, normalize_dtype
-from zarr_orch.storage.location import RESERVED_NAMES
+from zarr_orch.storage.core.location import RESERVED_NAMES
+from zarr_orch.storage.format.encoding import check_nodata, normalize_dtype
 
 logger = logging.getLogger(__name__)
 

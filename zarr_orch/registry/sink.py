@@ -15,9 +15,9 @@ from typing import Any
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import TileError
-from zarr_orch.storage.product import ProductPlan, TileWrite
-from zarr_orch.storage.window_writer import merge_tile
-from zarr_orch.storage.writers import write_tile
+from zarr_orch.storage.format.product import ProductPlan, TileWrite
+from zarr_orch.storage.writers.window_writer import merge_tile
+from zarr_orch.storage.writers.writers import write_tile
 
 logger = logging.getLogger(__name__)
 

@@ -1,26 +1,7 @@
-"""Integrity check of products: re-read every recorded tile and compare it with its record.
+"""The checks of one product: re-read each recorded tile, in batches, and compare its CRCs.
 
-A completion record (`zarr_orch.storage.records`) holds, per tag, the CRC32 of the cast
-core data the writer stored. `verify_product` re-reads each recorded tile's chunk of each
-tag and recomputes that CRC exactly as the writer did (the decoded region of the tile, C
-order; an edge tile's region is smaller than the chunk shape, and a tile zarr did not store
-because it was all nodata decodes as the fill value, which must still match). It reports,
-per tile and tag:
-
-- ``mismatch``: the chunk decodes but its data is not what was recorded,
-- ``missing chunk``: the chunk is absent although the record says data was written (absent
-  is fine only when the region, read as fill value, matches the record: all nodata),
-- ``undecodable``: zarr raises while decoding the chunk (truncated, garbled),
-- ``missing array`` / ``missing tile group``: the tag's array or a points/dict tile's
-  sub-group is gone or unreadable,
-- ``malformed record``: a record chunk of the wrong size, without its done flag, outside
-  the tile grid, a stray key, or a records array whose metadata is wrong.
-
-`repair=True` deletes the records of the bad tiles, so the next run (with ``resume``)
-recomputes exactly those tiles and rewrites their chunks whole. Checking streams: records
-and tile data are read in batches (concurrent reads through zarr's async API, at most
-`BATCH_BYTES` of decoded data held at once), never the whole product. `verify_run` checks
-every product of a run directory (``intermediate/`` too).
+`ProductChecker` streams records and tile data (at most `BATCH_BYTES` of decoded data held
+at once) and, on repair, deletes the records of the tiles found bad.
 """
 
 from __future__ import annotations
@@ -29,12 +10,8 @@ import asyncio
 import json
 import logging
 import os
-import posixpath
 import re
-import time
-import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,154 +19,37 @@ import zarr
 from zarr.core.sync import sync
 
 from zarr_orch import constants as cst
-from zarr_orch.commands import cli_command, shell_join
-from zarr_orch.errors import ProductError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.run_dir import listed_products
-from zarr_orch.storage.zarr_io import delete_key, get_many, list_keys, local_root
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.zarr_io import delete_key, get_many, list_keys, local_root
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.product import tile_group_name
+from zarr_orch.storage.readers.verify_report import (
+    MALFORMED,
+    MISMATCH,
+    MISSING_ARRAY,
+    MISSING_CHUNK,
+    MISSING_GROUP,
+    UNDECODABLE,
+    UNFINISHED_MERGE,
+    BadTile,
+    VerifyReport,
+)
+from zarr_orch.storage.readers.verify_windowed import windowed_problems
 
 logger = logging.getLogger(__name__)
 
-MISMATCH = "mismatch"
-MISSING_CHUNK = "missing chunk"
-UNDECODABLE = "undecodable"
-MISSING_ARRAY = "missing array"
-MISSING_GROUP = "missing tile group"
-MALFORMED = "malformed record"
-#: a windowed product whose last merge was cut by a crash (the next run rolls it back)
-UNFINISHED_MERGE = "unfinished merge"
-UNREADABLE = "unreadable product"
-#: every problem kind, as the first words of `BadTile.problem`
-PROBLEM_KINDS = (
-    MISMATCH,
-    MISSING_CHUNK,
-    UNDECODABLE,
-    MISSING_ARRAY,
-    MISSING_GROUP,
-    MALFORMED,
-    UNREADABLE,
-    UNFINISHED_MERGE,
-)
-
 #: records (and at most as many tiles) read per batch: one concurrent round of GETs
 BATCH = 256
+
+
 #: decoded bytes of tile data held at once: batches of big tiles are smaller
 BATCH_BYTES = 64 * 2**20
+
+
 _COORDINATES = frozenset({cst.ROW, cst.COL, cst.BAND, "x", "y", "spatial_ref"})
+
+
 _RECORDS_NAME = re.compile(r"^tiles_[0-9a-f]{10}$")
-METADATA_FILE = "metadata.json"
-
-
-class BadTile(NamedTuple):
-    """One problem: the product URL, the tile (None for product-level problems), the tag
-    ("" when the problem is not about one tag) and the problem, starting with its kind."""
-
-    product: str
-    row: int | None
-    col: int | None
-    tag: str
-    problem: str
-
-    @property
-    def kind(self) -> str:
-        """The problem kind (one of `PROBLEM_KINDS`)."""
-        return self.problem.split(":", 1)[0]
-
-
-@dataclass
-class VerifyReport:
-    """What a verification found: products checked, records checked, bad tiles, repairs."""
-
-    products: list[str] = field(default_factory=list)
-    checked: int = 0
-    bad: list[BadTile] = field(default_factory=list)
-    repaired: list[tuple[str, int, int]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    #: what was verified (a run directory or one product): the hint names it
-    target: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.bad
-
-    def extend(self, other: VerifyReport) -> None:
-        """Add another report's findings to this one (a run = its products)."""
-        self.products += other.products
-        self.checked += other.checked
-        self.bad += other.bad
-        self.repaired += other.repaired
-        self.skipped += other.skipped
-
-    def __str__(self) -> str:
-        lines = [
-            f"verified {self.checked} tile record(s) in {len(self.products)} product(s) in "
-            f"{self.seconds:.1f} s: " + ("all good" if self.ok else f"{len(self.bad)} problem(s)")
-        ]
-        for bad in self.bad:
-            where = "product" if bad.row is None else f"tile (row={bad.row}, col={bad.col})"
-            tag = f" tag {bad.tag!r}" if bad.tag else ""
-            lines.append(f"  {bad.product} {where}{tag}: {bad.problem}")
-        for url, why in self.skipped:
-            lines.append(f"  skipped {url}: {why}")
-        if self.repaired:
-            lines.append(
-                f"repaired: forgot the records of {len(self.repaired)} tile(s); rerun the "
-                "pipeline (resume on) to recompute exactly those tiles"
-            )
-        elif not self.ok:
-            command = f"{cli_command()} verify --repair"
-            if self.target:
-                command += f" {shell_join(self.target)}"
-            lines.append(
-                f"run again with repair ({command}) to forget the records "
-                "of these tiles, then rerun the pipeline to recompute them"
-            )
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe summary (for ``zarr-orch verify --json`` and scripts)."""
-        return {
-            "ok": self.ok,
-            "checked": self.checked,
-            "products": list(self.products),
-            "bad": [dict(b._asdict(), kind=b.kind) for b in self.bad],
-            "repaired": [{"product": p, "row": r, "col": c} for p, r, c in self.repaired],
-            "skipped": [{"product": p, "reason": why} for p, why in self.skipped],
-            "seconds": round(self.seconds, 3),
-        }
-
-
-# -- one product ----------------------------------------------------------------------------------
-
-
-def verify_product(
-    url: str | Location,
-    storage_options: dict[str, Any] | None = None,
-    repair: bool = False,
-) -> VerifyReport:
-    """Check every recorded tile of the product at `url` against its completion record.
-
-    Raises `ProductError` when `url` is not a readable zarr_orch product. With `repair`,
-    the records of bad tiles (and malformed records) are deleted afterwards.
-    """
-    from zarr_orch.reading import read_product_info
-
-    start = time.perf_counter()
-    location = Location.parse(url, storage_options)
-    info = read_product_info(location)
-    checker = _ProductChecker(location, info)
-    report = checker.run()
-    if repair:
-        checker.repair(report)
-    report.target = location.url
-    report.seconds = time.perf_counter() - start
-    logger.info(
-        "verified %s: %d records, %d problem(s)", location.url, report.checked, len(report.bad)
-    )
-    return report
 
 
 class _Record(NamedTuple):
@@ -198,7 +58,7 @@ class _Record(NamedTuple):
     crcs: tuple[int, ...]
 
 
-class _ProductChecker:
+class ProductChecker:
     """Checks the tiles of one product, one batch of records at a time."""
 
     def __init__(self, location: Location, info: dict[str, Any]) -> None:
@@ -240,8 +100,6 @@ class _ProductChecker:
 
     def _run_windowed(self, report: VerifyReport) -> VerifyReport:
         """Windowed products: chunks decode, no merge pending (records are not per chunk)."""
-        from zarr_orch.storage.verify_windowed import windowed_problems
-
         tags = list(self.info.get("tags") or {})
         for tag, problem in windowed_problems(self.group, self.store, tags):
             kind = UNDECODABLE if tag else UNFINISHED_MERGE
@@ -543,7 +401,7 @@ class _ProductChecker:
     def _check_all_variables(self, name: str, batch: list[_Record]) -> list[list[tuple[str, str]]]:
         """Intermediate products: one CRC over the CRCs of the tile's raster variables, in
         the tile's variable order, read from the tile description the writer stores before
-        the record (``<records>_tiles``, see `zarr_orch.storage.tile_store`)."""
+        the record (``<records>_tiles``, see `zarr_orch.storage.readers.tile_store`)."""
         problems: list[list[tuple[str, str]]] = [[] for _ in batch]
         names: list[list[str] | None] = []
         for k, record in enumerate(batch):
@@ -608,8 +466,6 @@ class _ProductChecker:
 
     def _check_subgroup(self, record: _Record) -> list[tuple[str, str]]:
         """Points/dict tiles: the sub-group exists and reads; points columns match the CRC."""
-        from zarr_orch.storage.points import tile_group_name
-
         name = tile_group_name(record.row, record.col)
         try:
             tile_group = self.group[name]
@@ -689,97 +545,6 @@ def _fill_variant_matches(values: np.ndarray, crc: int) -> bool:
     if values.dtype.kind != "f" or not np.isnan(values).all():
         return False
     return rec.checksum(np.full(values.shape, -np.nan, dtype=values.dtype)) == crc
-
-
-# -- a run directory --------------------------------------------------------------------------
-
-
-def verify_run(
-    out_dir: str | Location,
-    storage_options: dict[str, Any] | None = None,
-    repair: bool = False,
-) -> VerifyReport:
-    """Verify every product of a run: ``*.zarr`` in `out_dir` and one level down
-    (``intermediate/``), plus those its metadata.json lists elsewhere (absolute file names).
-
-    `out_dir` may also be one product. With `repair`, the out_dir lease is taken first so
-    that no run writes while records are deleted (a live run makes this raise LeaseError).
-    """
-    from zarr_orch.storage.lease import Lease
-
-    start = time.perf_counter()
-    location = Location.parse(out_dir, storage_options)
-    if not location.exists():
-        raise ProductError(f"{location.url} does not exist")
-    if location.fs.exists(posixpath.join(location.fs_path, "zarr.json")):  # one product
-        return verify_product(location, repair=repair)
-    lease = None
-    if repair:
-        lease = Lease(location, f"verify-{uuid.uuid4().hex[:8]}")
-        lease.acquire()
-    try:
-        report = VerifyReport()
-        for product in find_products(location):
-            try:
-                report.extend(verify_product(product, repair=repair))
-            except ProductError as exc:
-                text = str(exc)
-                if "not a zarr_orch product" in text:
-                    report.skipped.append((product.url, text))
-                else:
-                    report.products.append(product.url)
-                    report.bad.append(BadTile(product.url, None, None, "", f"{UNREADABLE}: {text}"))
-    finally:
-        if lease is not None:
-            lease.release()
-    report.target = location.url
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def find_products(location: Location) -> list[Location]:
-    """``*.zarr`` directories in `location` and one level down, plus the products its
-    metadata.json lists outside it (each once, in a stable order)."""
-    found: dict[str, Location] = {}
-    for name in _subdirectories(location):
-        child = location.join(name)
-        if name.lower().endswith(".zarr"):
-            found.setdefault(child.url, child)
-        elif not name.startswith((".", "_")):
-            for sub in _subdirectories(child):
-                if sub.lower().endswith(".zarr"):
-                    found.setdefault(child.join(sub).url, child.join(sub))
-    for _name, other in listed_products(location, _read_metadata(location)):
-        if other.url not in found and other.exists():
-            found[other.url] = other
-    return list(found.values())
-
-
-def _read_metadata(location: Location) -> dict[str, Any] | None:
-    """The run's metadata.json (None when absent or unreadable: the products are still
-    checked). Its product entries resolve in `location`, never where the run was written."""
-    try:
-        meta = json.loads(location.join(METADATA_FILE).read_text())
-    except Exception:  # a damaged metadata.json must not stop the check of the products
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _subdirectories(location: Location) -> list[str]:
-    """Names of the directories directly under `location` (sorted)."""
-    try:
-        entries = location.fs.ls(location.fs_path, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    names = [
-        posixpath.basename(str(e["name"]).rstrip("/"))
-        for e in entries
-        if e.get("type") == "directory"
-    ]
-    return sorted(n for n in names if n)
-
-
-# -- helpers ------------------------------------------------------------------------------------
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -25,10 +25,11 @@ import numpy as np
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, ZarrOrchError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.coordinates import SPATIAL_REF
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import open_group, product_info
+from zarr_orch.storage.core.handles import open_group
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.coordinates import SPATIAL_REF
+from zarr_orch.storage.format.product import product_info
 
 logger = logging.getLogger(__name__)
 

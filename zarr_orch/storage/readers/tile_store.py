@@ -16,12 +16,10 @@ writer) is recomputed. Resuming never changes results.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,11 +30,18 @@ from xarray.core import indexing
 from zarr_orch import constants as cst
 from zarr_orch.commands import cli_command, shell_join
 from zarr_orch.errors import ProductError
-from zarr_orch.storage.encoding import cast_tile
-from zarr_orch.storage.points import to_json_safe
-from zarr_orch.storage.product import ProductPlan, _cached, open_group
-from zarr_orch.storage.records import META_GROUP, checksum
-from zarr_orch.storage.zarr_io import get_many
+from zarr_orch.storage.core.handles import cached_handle, open_group
+from zarr_orch.storage.core.zarr_io import get_many
+from zarr_orch.storage.format.product import ProductPlan
+from zarr_orch.storage.format.records import META_GROUP, checksum
+from zarr_orch.storage.format.tile_descriptions import (
+    Box,
+    decode_exact,
+    margin_rects,
+    piece_key,
+    tile_box,
+    tiles_array_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,201 +49,9 @@ logger = logging.getLogger(__name__)
 #: read on first use (lets tests and benchmarks see that nothing was read)
 READS: Counter[str] = Counter()
 
-Box = tuple[int, int, int, int]
-
 
 class StoredTileError(ProductError):
     """A tile served from the store no longer matches what its task returned."""
-
-
-def tiles_array_name(plan: ProductPlan) -> str:
-    """Name (inside the meta group) of the per-tile description array."""
-    return f"{plan.records}_tiles"
-
-
-def create_tile_descriptions(group: Any, plan: ProductPlan) -> None:
-    """Create the (rows, cols) string array holding one JSON description per tile."""
-    meta = group.require_group(META_GROUP)
-    name = tiles_array_name(plan)
-    if name in meta:
-        return
-    meta.create_array(
-        name,
-        shape=plan.grid_shape,
-        chunks=(1, 1),
-        dtype=str,
-        fill_value="",
-        dimension_names=["tile_row", "tile_col"],
-        attributes={"description": "JSON description of each replaced tile (attrs, variables)"},
-        overwrite=False,
-    )
-
-
-def describe_tile(plan: ProductPlan, tile: xr.Dataset) -> str:
-    """The JSON description of a tile: attrs and, per saved variable, what rebuilds it."""
-    window = tile.attrs.get(cst.WINDOW)
-    overlaps = tile.attrs.get(cst.OVERLAPS) or {}
-    variables = {}
-    for name, var in tile.data_vars.items():
-        spec = plan.spec(str(name), var.dtype)
-        entry: dict[str, Any] = {
-            "dims": list(var.dims),
-            "shape": list(var.shape),
-            "dtype": str(var.dtype),
-        }
-        if spec is not None:
-            values = np.asarray(var.values)
-            entry["saved"] = True
-            entry["has_nan"] = bool(values.dtype.kind == "f" and np.isnan(values).any())
-            entry["has_nodata"] = bool(spec.nodata is not None and (values == spec.nodata).any())
-            try:
-                stored = cast_tile(values, np.dtype(spec.dtype), spec.nodata, name)
-                entry["crc"] = checksum(stored)
-                entry["same_dtype"] = values.dtype == np.dtype(spec.dtype)
-            except Exception:  # the writer reports cast errors; here it only means "not servable"
-                entry["crc"] = None
-            if entry["crc"] is not None and window and stored.ndim in (2, 3):
-                entry["pieces"] = _piece_crcs(plan, window, overlaps, stored)
-        variables[name] = entry
-    coords: dict[str, Any] = {}
-    for name, coord in tile.coords.items():
-        values = np.asarray(coord.values)
-        entry = {"dims": list(coord.dims), "dtype": str(values.dtype)}
-        if values.ndim == 1 and values.dtype.kind in "iuf" and values.size:
-            step = float(values[1] - values[0]) if values.size > 1 else 1.0
-            entry.update(
-                start=float(values[0]), step=step, size=int(values.size), crc=checksum(values)
-            )
-        else:
-            entry["crc"] = None  # not an evenly spaced axis: the tile will be recomputed
-        coords[name] = entry
-    attrs = to_json_safe(dict(tile.attrs))
-    description = {"attrs": attrs, "variables": variables, "coords": coords}
-    # attrs JSON cannot hold exactly are left out: such a tile is recomputed, never served
-    with contextlib.suppress(_Lossy):
-        description["typed_attrs"] = _encode_exact(dict(tile.attrs))
-    return json.dumps(description)
-
-
-class _Lossy(Exception):
-    """A value JSON cannot carry back exactly."""
-
-
-_TAGS = ("__tuple__", "__scalar__", "__ndarray__", "__items__")
-
-
-def _encode_exact(obj: Any) -> Any:
-    """`obj` as JSON that `_decode_exact` turns back into an equal object of the same types."""
-    if obj is None or type(obj) in (str, int, float, bool):
-        return obj
-    if type(obj) is list:
-        return [_encode_exact(v) for v in obj]
-    if type(obj) is tuple:
-        return {"__tuple__": [_encode_exact(v) for v in obj]}
-    if type(obj) is dict:
-        if all(type(k) is str and k not in _TAGS for k in obj):
-            return {k: _encode_exact(v) for k, v in obj.items()}
-        return {"__items__": [[_encode_exact(k), _encode_exact(v)] for k, v in obj.items()]}
-    if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
-        return {"__scalar__": _encode_exact(obj.item()), "dtype": obj.dtype.str}
-    if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf":
-        return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str, "shape": list(obj.shape)}
-    raise _Lossy(type(obj).__name__)
-
-
-def _decode_exact(obj: Any) -> Any:
-    """The object `_encode_exact` described."""
-    if isinstance(obj, list):
-        return [_decode_exact(v) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tuple__" in obj and len(obj) == 1:
-        return tuple(_decode_exact(v) for v in obj["__tuple__"])
-    if "__items__" in obj and len(obj) == 1:
-        return {_decode_exact(k): _decode_exact(v) for k, v in obj["__items__"]}
-    if "__scalar__" in obj and len(obj) == 2:
-        return np.dtype(obj["dtype"]).type(obj["__scalar__"])
-    if "__ndarray__" in obj and len(obj) == 3:
-        return np.array(obj["__ndarray__"], dtype=obj["dtype"]).reshape(obj["shape"])
-    return {k: _decode_exact(v) for k, v in obj.items()}
-
-
-def write_tile_description(plan: ProductPlan, tile: xr.Dataset, row: int, col: int) -> None:
-    """Store the tile's description (before its completion record)."""
-    from zarr_orch.storage.product import _group
-
-    array = _cached(
-        "tiles",
-        plan.location,
-        tiles_array_name(plan),
-        lambda: _group(plan.location)[f"{META_GROUP}/{tiles_array_name(plan)}"],
-    )
-    array[row, col] = describe_tile(plan, tile)
-
-
-# -- pieces shared with neighbours ---------------------------------------------------------------
-
-
-def _box(window: dict, overlaps: dict) -> Box:
-    """Rows and cols (product pixels) of a tile with its overlaps: (r0, r1, c0, c1)."""
-    return (
-        int(window[cst.ROW_MIN]) - int(overlaps.get(cst.UP, 0)),
-        int(window[cst.ROW_MAX]) + int(overlaps.get(cst.DOWN, 0)),
-        int(window[cst.COL_MIN]) - int(overlaps.get(cst.LEFT, 0)),
-        int(window[cst.COL_MAX]) + int(overlaps.get(cst.RIGHT, 0)),
-    )
-
-
-def _key(rect: Box) -> str:
-    return "{}:{}:{}:{}".format(*rect)
-
-
-def _margin_rects(
-    chunks: tuple[int, int], window: dict, box: Box
-) -> Iterator[tuple[int, int, Box]]:
-    """Each chunk (i, j) other than the tile's own that its box reaches, with the part reached."""
-    ch, cw = chunks
-    own = (int(window[cst.ROW_MIN]) // ch, int(window[cst.COL_MIN]) // cw)
-    r0, r1, c0, c1 = box
-    for i in range(max(r0, 0) // ch, max(r1 - 1, 0) // ch + 1):
-        for j in range(max(c0, 0) // cw, max(c1 - 1, 0) // cw + 1):
-            if (i, j) != own:
-                rect = (
-                    max(r0, i * ch),
-                    min(r1, (i + 1) * ch),
-                    max(c0, j * cw),
-                    min(c1, (j + 1) * cw),
-                )
-                yield i, j, rect
-
-
-def _edge_rects(window: dict, overlaps: dict) -> Iterator[Box]:
-    """The parts of the core that each of the 8 neighbours reaches, if its overlaps mirror ours."""
-    r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
-    c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
-    up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
-    left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
-    row_spans = {-1: (r0, min(r1, r0 + up)), 0: (r0, r1), 1: (max(r0, r1 - down), r1)}
-    col_spans = {-1: (c0, min(c1, c0 + left)), 0: (c0, c1), 1: (max(c0, c1 - right), c1)}
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            (a, b), (c, d) = row_spans[dr], col_spans[dc]
-            if (dr or dc) and a < b and c < d:
-                yield (a, b, c, d)
-
-
-def _piece_crcs(plan: ProductPlan, window: dict, overlaps: dict, stored: np.ndarray) -> dict:
-    """CRC32 of the stored values of every piece a neighbour shares: margins and core edges."""
-    box = _box(window, overlaps)
-    if stored.shape[-2:] != (box[1] - box[0], box[3] - box[2]):
-        return {}
-    rects = [rect for _, _, rect in _margin_rects(plan.chunks, window, box)]
-    rects.extend(_edge_rects(window, overlaps))
-    pieces = {}
-    for rect in rects:
-        a, b, c, d = rect
-        pieces[_key(rect)] = checksum(stored[..., a - box[0] : b - box[0], c - box[2] : d - box[2]])
-    return pieces
 
 
 # -- serving done tiles at a breakpoint ----------------------------------------------------------
@@ -387,12 +200,12 @@ def _exact(
     ch, cw = plan.chunks
     off_r, off_c = int(window[cst.ROW_MIN]) // ch - row, int(window[cst.COL_MIN]) // cw - col
     unknown = False
-    for i, j, rect in _margin_rects(plan.chunks, window, box):
+    for i, j, rect in margin_rects(plan.chunks, window, box):
         neighbour = descriptions.get(i - off_r, j - off_c)
         theirs_vars = (neighbour or {}).get("variables") or {}
         for name, entry in variables.items():
-            mine = entry["pieces"].get(_key(rect))
-            theirs = (theirs_vars.get(name) or {}).get("pieces", {}).get(_key(rect))
+            mine = entry["pieces"].get(piece_key(rect))
+            theirs = (theirs_vars.get(name) or {}).get("pieces", {}).get(piece_key(rect))
             if mine is None or theirs is None:
                 unknown = True
             elif mine != theirs:
@@ -474,7 +287,9 @@ def read_stored(
     """A variable of a done tile read back from the product; StoredTileError if not exact."""
     r0, r1, c0, c1 = box
     try:
-        array = _cached("read", plan.location, name, lambda: open_group(plan.location, "r")[name])
+        array = cached_handle(
+            "read", plan.location, name, lambda: open_group(plan.location, "r")[name]
+        )
         raw = array[r0:r1, c0:c1] if array.ndim == 2 else array[:, r0:r1, c0:c1]
     except OSError:  # storage unreachable (already retried): not a damaged tile
         raise
@@ -560,11 +375,11 @@ def _parse(
     coords = _rebuild_coords(desc.get("coords") or {})
     if coords is None or "typed_attrs" not in desc:
         return None  # coords or attrs cannot come back exactly (or an older writer)
-    attrs = _decode_exact(desc["typed_attrs"])
+    attrs = decode_exact(desc["typed_attrs"])
     window, overlaps = attrs.get(cst.WINDOW), attrs.get(cst.OVERLAPS) or {}
     if not window:
         return None
-    box = _box(window, overlaps)
+    box = tile_box(window, overlaps)
     if not _covered(plan, row, col, window, box, done):
         return None
     for entry in desc["variables"].values():

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from zarr.storage import WrapperStore
 
-from zarr_orch.conf import is_secret_key
 from zarr_orch.errors import StorageError
+from zarr_orch.secrets import is_secret_key
 
 logger = logging.getLogger(__name__)
 

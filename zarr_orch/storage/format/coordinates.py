@@ -15,7 +15,7 @@ import zarr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import TileError
-from zarr_orch.storage.encoding import (
+from zarr_orch.storage.format.encoding import (
     coordinate_attrs,
     gdal_geotransform,
     geo_layout,

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from zarr_orch.storage.zarr_io import get_bytes, get_many, list_keys, set_bytes
+from zarr_orch.errors import ProductError
+from zarr_orch.storage.core.handles import store_handle
+from zarr_orch.storage.core.zarr_io import get_bytes, get_many, list_keys, set_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ def create_records(group: zarr.Group, name: str, grid_shape: tuple[int, int], ta
         records = None
     if records is not None:
         if tuple(records.shape) != shape:
-            from zarr_orch.errors import ProductError
-
             raise ProductError(
                 f"completion records {META_GROUP}/{name} have shape {tuple(records.shape)}, "
                 f"expected {shape}: the product was written with another tile grid or tags"
@@ -362,8 +362,6 @@ class RecordWriter:
     def _array(self, url: str, name: str) -> Any:
         """The records array, opened once per breakpoint: a product reset (overwrite) by a
         later breakpoint may recreate it with another tile grid, so `flush` forgets it."""
-        from zarr_orch.storage.product import store_handle
-
         array = self._arrays.get((url, name))
         if array is None:
             array = open_records(store_handle(self._locations[url]), name, mode="r+")

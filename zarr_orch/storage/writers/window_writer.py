@@ -23,19 +23,19 @@ import numpy as np
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import StorageError, TileError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.chunk_writer import ChunkWriter
-from zarr_orch.storage.journal import MergeJournal
-from zarr_orch.storage.product import (
+from zarr_orch.storage.core.handles import store_handle
+from zarr_orch.storage.core.zarr_io import set_many
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.journal import MergeJournal
+from zarr_orch.storage.format.product import (
     ProductPlan,
     TagSpec,
     TileWrite,
     array_shape,
     open_read_array,
     open_tag_array,
-    store_handle,
 )
-from zarr_orch.storage.zarr_io import set_many
+from zarr_orch.storage.writers.chunk_writer import ChunkWriter
 
 logger = logging.getLogger(__name__)
 

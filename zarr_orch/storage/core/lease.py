@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from zarr_orch.errors import ZarrOrchError
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
 
 logger = logging.getLogger(__name__)
 

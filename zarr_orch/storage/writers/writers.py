@@ -6,8 +6,10 @@ from typing import Any
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import TileError
-from zarr_orch.storage.points import write_dict_tile, write_points_tile
-from zarr_orch.storage.product import ProductPlan, TileWrite, write_arrays_tile
+from zarr_orch.storage.format.product import ProductPlan, TileWrite
+from zarr_orch.storage.writers.arrays import write_arrays_tile
+from zarr_orch.storage.writers.points import write_dict_tile, write_points_tile
+from zarr_orch.storage.writers.window_writer import merge_tile
 
 
 def write_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str) -> TileWrite:
@@ -18,8 +20,6 @@ def write_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str) -> T
                 f"{what} is a {type(tile).__name__}; an 'arrays' dataset needs xarray.Dataset tiles"
             )
         if plan.windowed:
-            from zarr_orch.storage.window_writer import merge_tile
-
             return merge_tile((plan,), tile, row, col, what)[(plan.location.url, plan.records)]
         return write_arrays_tile(plan, tile, row, col, what)
     if plan.kind == cst.CARS_DS_TYPE_POINTS:

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from zarr_orch.errors import ConfigurationError
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
 
 
 def relative_path(out_url: str, url: str) -> str | None:

@@ -246,3 +246,20 @@ def coordinate_attrs(axis: str, geo: dict[str, Any]) -> dict[str, Any]:
         if unit:
             attrs["units"] = "m" if unit in ("metre", "meter") else unit
     return attrs
+
+
+def to_json_safe(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, tuples and CRS-like objects to JSON-compatible values."""
+    if isinstance(obj, dict):
+        return {str(k): to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [to_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if hasattr(obj, "to_wkt"):
+        return obj.to_wkt()
+    return repr(obj)

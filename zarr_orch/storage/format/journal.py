@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zarr_orch.errors import StorageError
-from zarr_orch.storage.zarr_io import (
+from zarr_orch.storage.core.zarr_io import (
     delete_many,
     get_bytes,
     get_many,

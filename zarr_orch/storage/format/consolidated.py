@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import zarr
 
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.location import Location
 
 logger = logging.getLogger(__name__)
 

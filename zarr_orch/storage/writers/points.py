@@ -1,4 +1,4 @@
-"""Point-cloud and dict products: one sub-group per tile inside the product group.
+"""Writing point-cloud and dict tiles: one sub-group per tile inside the product group.
 
 Points tiles (pandas DataFrames) keep each column as a 1-D array and the frame's attrs as
 JSON; dict tiles (CarsDict) are stored as JSON attributes. A tile's sub-group is replaced
@@ -11,41 +11,20 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import zarr
 
 from zarr_orch import constants as cst
-from zarr_orch.errors import ProductError, TileError
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.product import ProductPlan, TileWrite, _group, _record, open_group
-from zarr_orch.storage.records import checksum, done_tiles
+from zarr_orch.errors import TileError
+from zarr_orch.storage.core.handles import cached_group
+from zarr_orch.storage.format.encoding import to_json_safe
+from zarr_orch.storage.format.product import ProductPlan, TileWrite, tile_group_name
+from zarr_orch.storage.format.records import checksum
+from zarr_orch.storage.writers.arrays import tile_record
 
 logger = logging.getLogger(__name__)
 
 PAIR_ID_COLUMN = "global_id"
-
-
-def tile_group_name(row: int, col: int) -> str:
-    """Name of a tile's sub-group."""
-    return f"tile_{row}_{col}"
-
-
-def to_json_safe(obj: Any) -> Any:
-    """Convert numpy scalars/arrays, tuples and CRS-like objects to JSON-compatible values."""
-    if isinstance(obj, dict):
-        return {str(k): to_json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [to_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    if hasattr(obj, "to_wkt"):
-        return obj.to_wkt()
-    return repr(obj)
 
 
 def _write_frame(group: zarr.Group, frame: pd.DataFrame, what: str) -> tuple[int, list[int]]:
@@ -86,7 +65,7 @@ def write_points_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
     """Store a DataFrame tile (optionally split by pair) as a sub-group, then record it."""
     if not isinstance(tile, pd.DataFrame):
         raise TileError(f"{what} is a {type(tile).__name__}; a points dataset needs DataFrames")
-    group = _group(plan.location)
+    group = cached_group(plan.location)
     tile_group = group.create_group(tile_group_name(row, col), overwrite=True)
     attrs = {k: v for k, v in tile.attrs.items() if k != cst.SAVING_INFO}
     tile_group.attrs["attrs"] = json.loads(json.dumps(to_json_safe(attrs)))
@@ -95,7 +74,7 @@ def write_points_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
     else:
         nbytes, crcs = _write_frame(tile_group, tile, what)
     result = TileWrite(tags=plan.tag_names, nbytes=nbytes)
-    result.record = _record(plan, nbytes, [crcs[0] if crcs else 0] * len(plan.tags))
+    result.record = tile_record(plan, nbytes, [crcs[0] if crcs else 0] * len(plan.tags))
     return result
 
 
@@ -129,54 +108,10 @@ def write_dict_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str)
         attrs_payload = json.loads(json.dumps(to_json_safe(attrs)))
     except (TypeError, ValueError) as exc:
         raise TileError(f"{what} cannot be stored as JSON: {exc}") from None
-    group = _group(plan.location)
+    group = cached_group(plan.location)
     tile_group = group.create_group(tile_group_name(row, col), overwrite=True)
     tile_group.attrs.update({"data": payload, "attrs": attrs_payload})
     nbytes = len(json.dumps(payload))
     return TileWrite(
-        tags=plan.tag_names, nbytes=nbytes, record=_record(plan, nbytes, [0] * len(plan.tags))
+        tags=plan.tag_names, nbytes=nbytes, record=tile_record(plan, nbytes, [0] * len(plan.tags))
     )
-
-
-def _done_sorted(location: Location) -> tuple[zarr.Group, list[tuple[int, int]]]:
-    group = open_group(location, "r")
-    info = group.attrs.get("zarr_orch") or {}
-    done: set[tuple[int, int]] = set()
-    for records in info.get("records", []):
-        done |= done_tiles(location.zarr_store(read_only=True), records)
-    return group, sorted(done)
-
-
-def read_points(url: str | Location, storage_options: dict | None = None) -> pd.DataFrame:
-    """All done tiles of a points product as one DataFrame (row-major tile order).
-
-    Columns ``tile_row``/``tile_col`` (and ``pair`` for by-pair products) say where each
-    point came from.
-    """
-    location = Location.parse(url, storage_options)
-    group, tiles = _done_sorted(location)
-    if (group.attrs.get("zarr_orch") or {}).get("kind") != cst.CARS_DS_TYPE_POINTS:
-        raise ProductError(f"{location.url} is not a points product")
-    frames = []
-    for row, col in tiles:
-        tile_group = group[tile_group_name(row, col)]
-        parts = [(None, tile_group)]
-        if "pairs" in tile_group.attrs:
-            parts = [(name, tile_group[name]) for name in tile_group.attrs["pairs"]]
-        for pair, part in parts:
-            columns = part.attrs.get("columns", [])
-            frame = pd.DataFrame({c: part[c][:] for c in columns})
-            frame["tile_row"], frame["tile_col"] = row, col
-            if pair is not None:
-                frame["pair"] = pair
-            frames.append(frame)
-    if not frames:
-        return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
-
-
-def read_dicts(url: str | Location, storage_options: dict | None = None) -> dict:
-    """{(row, col): data} of every done tile of a dict product."""
-    location = Location.parse(url, storage_options)
-    group, tiles = _done_sorted(location)
-    return {(r, c): dict(group[tile_group_name(r, c)].attrs["data"]) for r, c in tiles}

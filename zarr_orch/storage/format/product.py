@@ -9,7 +9,6 @@ writes the first tile (the main process or a worker) with deterministic metadata
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,21 +19,19 @@ import zarr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError, TileError
-from zarr_orch.storage import records as rec
-from zarr_orch.storage.chunk_writer import ChunkWriter
-from zarr_orch.storage.consolidated import consolidate
-from zarr_orch.storage.coordinates import (
+from zarr_orch.storage.core.handles import cached_group, cached_handle, open_group
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.zarr_io import publish
+from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.coordinates import (
     SPATIAL_REF,
     ensure_coordinates,
     geo_for_tile,
     raster_dims,
 )
-from zarr_orch.storage.encoding import (
-    cast_tile,
+from zarr_orch.storage.format.encoding import (
     xarray_fill_attrs,
 )
-from zarr_orch.storage.location import Location
-from zarr_orch.storage.zarr_io import publish
 
 logger = logging.getLogger(__name__)
 
@@ -127,39 +124,7 @@ class TileWrite:
     record: tuple[str, bytes] | None = None
 
 
-# -- store handles (cached per process: workers reopen from the URL) ------------------------------
-
-_HANDLES: dict[tuple[Any, ...], Any] = {}
-
-
-def _cached(kind: str, location: Location, name: str, opener: Any) -> Any:
-    key = (os.getpid(), kind, location.url, name)
-    handle = _HANDLES.get(key)
-    if handle is None:
-        handle = opener()
-        _HANDLES[key] = handle
-    return handle
-
-
-def forget_handles(location: Location | None = None) -> None:
-    """Drop cached handles (all, or those of one product) after it was re-created."""
-    for key in list(_HANDLES):
-        if location is None or key[2] == location.url:
-            del _HANDLES[key]
-
-
-def open_group(location: Location, mode: str = "r+") -> zarr.Group:
-    """Open the product group at `location` (zarr v3)."""
-    store = location.zarr_store(read_only=mode == "r")
-    # never the consolidated metadata: workers add arrays after it was written
-    return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
-
-
-def _group(location: Location) -> zarr.Group:
-    return _cached("group", location, "", lambda: open_group(location, "r+"))
-
-
-# -- preparing a product (main process, before tasks start) ---------------------------------------
+# -- what is on disk: the product attributes and layout checks -----------------------------------
 
 
 def product_info(location: Location, reading: bool = False) -> dict[str, Any] | None:
@@ -204,15 +169,13 @@ def product_differences(plan: ProductPlan, components: dict[str, Any]) -> list[s
 
     Only reads: deciding whether a rerun may resume never modifies anything.
     """
-    from zarr_orch.registry.fingerprint import describe_differences
-
     info = product_info(plan.location)
     if info is None:
         return []
     if info.get("kind", plan.kind) != plan.kind:
         return [f"kind: was {info.get('kind')!r}, now {plan.kind!r}"]
     if info.get("format_version", 0) < FORMAT_VERSION:
-        return [_old_format(info)]
+        return [old_format_message(info)]
     stored = (info.get("fingerprints") or {}).get(plan.records)
     if stored is not None:
         return describe_differences(stored.get("components", {}), components)
@@ -220,74 +183,8 @@ def product_differences(plan: ProductPlan, components: dict[str, Any]) -> list[s
     return _array_problems(group, plan)
 
 
-def prepare_product(
-    plan: ProductPlan, attributes: dict[str, Any], reset: bool = False
-) -> set[tuple[int, int]]:
-    """Create the product group and its completion records (or reuse the existing ones).
-
-    Returns the tiles already recorded as done. With `reset`, an existing product is
-    deleted first (the caller decided the user asked for it). Existing arrays whose chunks,
-    dtype or nodata differ from the plan are refused: nothing on disk is changed then.
-    """
-    if plan.kind not in KINDS:
-        raise ProductError(f"unknown product kind {plan.kind!r}")
-    info = product_info(plan.location)
-    if reset and info is not None:
-        logger.warning("deleting %s to recompute it from scratch", plan.location.url)
-        plan.location.rm()
-        forget_handles(plan.location)
-        info = None
-    store = plan.location.zarr_store()
-    if info is None:
-        plan.location.makedirs()
-        # built in memory with zarr's API, then every document stored at once; the group's
-        # one document carries its zarr_orch attributes, so a crash never leaves it without
-        staged = zarr.storage.MemoryStore()
-        group = zarr.create_group(staged, attributes=attributes, zarr_format=3)
-        rec.create_records(group, plan.records, plan.grid_shape, plan.tag_names)
-        if plan.describe_tiles and plan.kind == cst.CARS_DS_TYPE_ARRAY:
-            from zarr_orch.storage.tile_store import create_tile_descriptions
-
-            create_tile_descriptions(group, plan)
-        publish(staged, store)
-        forget_handles(plan.location)
-        return set()  # created just now: nothing is recorded yet
-    else:
-        if info.get("format_version", 0) < FORMAT_VERSION:
-            raise ProductError(
-                f"{plan.location.url} cannot be resumed: {_old_format(info)}; set resume: false "
-                "or overwrite: true in the orchestrator conf to recompute it, or use another "
-                "out_dir"
-            )
-        group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
-        if info.get("kind", plan.kind) != plan.kind:
-            raise ProductError(
-                f"{plan.location.url} holds a {info.get('kind')!r} product; it cannot receive "
-                f"{plan.kind!r} tiles: choose another file name"
-            )
-        _check_existing_arrays(group, plan)
-        old = dict(group.attrs.get("zarr_orch", {}))
-        new = attributes["zarr_orch"]
-        merged = {**old, **new}
-        merged["tags"] = {**old.get("tags", {}), **new.get("tags", {})}
-        merged["records"] = sorted(set(old.get("records", [])) | set(new.get("records", [])))
-        merged["fingerprints"] = {**old.get("fingerprints", {}), **new.get("fingerprints", {})}
-        merged["created"] = old.get("created", new.get("created"))
-        group.attrs["zarr_orch"] = merged
-    rec.create_records(group, plan.records, plan.grid_shape, plan.tag_names)
-    if plan.describe_tiles and plan.kind == cst.CARS_DS_TYPE_ARRAY:
-        from zarr_orch.storage.tile_store import create_tile_descriptions
-
-        create_tile_descriptions(group, plan)
-    forget_handles(plan.location)
-    if not plan.all_variables and set(plan.tag_names) <= set(group.array_keys()):
-        # the attributes changed; consolidated metadata is written only when it lists every
-        # array (else at the end of the breakpoint): readers never get a stale layout
-        consolidate(plan.location)
-    return rec.done_tiles(store, plan.records)
-
-
-def _old_format(info: dict[str, Any]) -> str:
+def old_format_message(info: dict[str, Any]) -> str:
+    """Why a product of an older format version cannot be resumed (and what still reads it)."""
     version = info.get("format_version", 0)
     return (
         f"product format version {version}, this zarr_orch writes version {FORMAT_VERSION} "
@@ -295,7 +192,8 @@ def _old_format(info: dict[str, Any]) -> str:
     )
 
 
-def _check_existing_arrays(group: zarr.Group, plan: ProductPlan) -> None:
+def check_existing_arrays(group: zarr.Group, plan: ProductPlan) -> None:
+    """Refuse (ProductError) existing tag arrays whose layout differs from the plan."""
     problems = _array_problems(group, plan)
     if problems:
         raise ProductError(
@@ -365,7 +263,7 @@ def _ensure_array(
     """Open the tag's array, creating it (and the coordinates) when this is the first tile."""
 
     def opener() -> Any:
-        group = _group(plan.location)
+        group = cached_group(plan.location)
         if tag.name not in group.array_keys():
             # georeferencing (a CRS parse) only matters to the writer that creates the array
             _create_array(group, plan, tag, shape, geo_for_tile(tile, what))
@@ -377,7 +275,7 @@ def _ensure_array(
             )
         return array
 
-    return _cached("array", plan.location, tag.name, opener)
+    return cached_handle("array", plan.location, tag.name, opener)
 
 
 def open_tag_array(
@@ -389,7 +287,7 @@ def open_tag_array(
 
 def open_read_array(location: Location, tag: str) -> Any:
     """A read handle on the tag's array (cached per process); KeyError when it is absent."""
-    return _cached("read", location, tag, lambda: open_group(location, "r")[tag])
+    return cached_handle("read", location, tag, lambda: open_group(location, "r")[tag])
 
 
 def compressors_for(codec: str, checksum: bool = False) -> Any:
@@ -516,110 +414,38 @@ def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: s
     return r0 // ch, c0 // cw, (r0, r1, c0, c1)
 
 
-def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: str) -> TileWrite:
-    """Crop, check, cast and write each tag of an xarray tile as one whole chunk, then record it."""
-    shape2d = array_shape(plan, tile)
-    _, _, (r0, r1, c0, c1) = chunk_index(plan, tile.attrs.get(cst.WINDOW), shape2d, what)
-    overlaps = tile.attrs.get(cst.OVERLAPS) or {}
-    up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
-    left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
-    result = TileWrite()
-    written, missing = [], []
-    crcs: list[int] = []
-    for tag in plan.specs_for(tile):
-        if tag.name not in tile:
-            missing.append(tag.name)
-            crcs.append(0)
-            if not tag.optional:
-                logger.warning("%s has no tag %r: nothing saved for it", what, tag.name)
-            continue
-        values = np.asarray(tile[tag.name].values)
-        if values.ndim not in (2, 3):
-            raise TileError(
-                f"{what} tag {tag.name!r} has {values.ndim} dimensions; expected (row, col) or "
-                "(band, row, col)"
-            )
-        h, w = values.shape[-2:]
-        core = values[..., up : h - down, left : w - right]
-        if core.shape[-2:] != (r1 - r0, c1 - c0):
-            raise TileError(
-                f"{what} tag {tag.name!r} has shape {values.shape} which, minus overlaps "
-                f"(up={up}, down={down}, left={left}, right={right}), is {core.shape[-2:]} and "
-                f"disagrees with its window of {r1 - r0}x{c1 - c0}"
-            )
-        data = cast_tile(core, np.dtype(tag.dtype), tag.nodata, f"{what} tag {tag.name!r}")
-        full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
-        array = _ensure_array(plan, tag, full_shape, tile, what)
-        if array.ndim != data.ndim:
-            raise TileError(
-                f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
-                f"{array.ndim}"
-            )
-        _write_chunk(plan, tag, array, data, (r0, r1, c0, c1))
-        crc = rec.checksum(data)
-        crcs.append(crc)
-        result.crcs[tag.name] = crc
-        result.nbytes += data.nbytes
-        written.append(tag.name)
-    result.tags, result.missing = tuple(written), tuple(missing)
-    if plan.all_variables:
-        crcs = [rec.checksum(np.array(crcs, dtype="<u8"))]
-    if plan.describe_tiles:
-        from zarr_orch.storage.tile_store import write_tile_description
-
-        write_tile_description(plan, tile, row, col)
-    result.record = _record(plan, result.nbytes, crcs)
-    return result
-
-
-def _write_chunk(plan: ProductPlan, tag: TagSpec, array: Any, data: np.ndarray, box: tuple) -> None:
-    """Store one tile's values as its whole chunk: directly when the codec chain allows."""
-    r0, r1, c0, c1 = box
-    writer = _cached(
-        "writer",
-        plan.location,
-        tag.name,
-        lambda: ChunkWriter.for_array(plan.location, tag.name, array) or False,
-    )
-    if writer:
-        ch, cw = plan.chunks
-        writer.write((r0 // ch, c0 // cw) if data.ndim == 2 else (0, r0 // ch, c0 // cw), data)
-    elif data.ndim == 2:
-        array[r0:r1, c0:c1] = data
-    else:
-        array[:, r0:r1, c0:c1] = data
-
-
-def _record(plan: ProductPlan, nbytes: int, crcs: list[int]) -> tuple[str, bytes]:
-    """The completion record of a tile whose data is written (the main process stores it).
-
-    Recording is bookkeeping: the receipt carries these few bytes back and the main process
-    merges them into blocks of records (`records.RecordWriter`), so a worker pays one object
-    write per tile, not two.
-    """
-    return plan.records, rec.record_bytes(nbytes, crcs)
-
-
-def store_handle(location: Location) -> Any:
-    """The product's (retrying) zarr store, opened once per process."""
-    return _cached("store", location, "", location.zarr_store)
-
-
-def read_window(location: Location, tag: str, window: dict) -> np.ndarray:
-    """The stored values of `tag` at a core window (all bands for 3-D tags)."""
-    array = open_read_array(location, tag)
-    r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
-    c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
-    if array.ndim == 2:
-        return array[r0:r1, c0:c1]
-    return array[:, r0:r1, c0:c1]
-
-
-def done_tiles(location: Location, records_name: str) -> set[tuple[int, int]]:
-    """Tiles recorded as done in the product at `location`."""
-    return rec.done_tiles(location.zarr_store(read_only=True), records_name)
-
-
 def now_iso() -> str:
     """UTC time stamp for product attributes."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def tile_group_name(row: int, col: int) -> str:
+    """Name of a tile's sub-group."""
+    return f"tile_{row}_{col}"
+
+
+def describe_differences(stored: dict, current: dict) -> list[str]:
+    """Human-readable list of what differs between two component dicts."""
+    lines = []
+    for key in sorted(set(stored) | set(current)):
+        if stored.get(key) != current.get(key):
+            lines.append(f"{key}: was {stored.get(key)!r}, now {current.get(key)!r}")
+    return lines
+
+
+def read_product_info(location: Location) -> dict[str, Any]:
+    """The ``zarr_orch`` attributes of the product at `location`, checked for reading.
+
+    Unlike the writer's check, every problem is an error here (nothing there, not a Zarr v3
+    group, not written by zarr_orch, a newer format): a reader must not guess.
+    """
+    try:
+        exists = location.exists()
+    except Exception as exc:  # network / credentials problems: say where
+        raise ProductError(f"cannot access {location.url}: {type(exc).__name__}: {exc}") from None
+    if not exists:
+        raise ProductError(f"{location.url} does not exist")
+    info = product_info(location, reading=True)
+    if info is None:
+        raise ProductError(f"no zarr_orch product at {location.url} (not a Zarr v3 group)")
+    return info

@@ -12,8 +12,8 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from zarr_orch.storage.journal import MANIFEST
-from zarr_orch.storage.zarr_io import get_bytes
+from zarr_orch.storage.core.zarr_io import get_bytes
+from zarr_orch.storage.format.journal import MANIFEST
 
 
 def windowed_problems(group: Any, store: Any, tags: list[str]) -> Iterator[tuple[str, str]]:

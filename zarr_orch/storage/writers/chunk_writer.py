@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from zarr_orch.storage.location import Location
+from zarr_orch.storage.core.handles import store_handle
+from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.zarr_io import delete_key, set_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -137,21 +139,15 @@ class ChunkWriter:
         if self.location.is_local:
             atomic_write(os.path.join(self.location.url, *key.split("/")), *parts)
             return
-        from zarr_orch.storage.zarr_io import set_bytes
-
         set_bytes(self._store_handle(), key, b"".join(parts))
 
     def _delete(self, key: str) -> None:
         if self.location.is_local:
             remove_file(os.path.join(self.location.url, *key.split("/")))
             return
-        from zarr_orch.storage.zarr_io import delete_key
-
         delete_key(self._store_handle(), key)
 
     def _store_handle(self) -> Any:
-        from zarr_orch.storage.product import store_handle
-
         return store_handle(self.location)
 
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import fsspec
 
-from zarr_orch.conf import mask_secrets
 from zarr_orch.errors import ConfigurationError, StorageError
-from zarr_orch.storage.retry import (
+from zarr_orch.secrets import mask_secrets
+from zarr_orch.storage.core.retry import (
     DEFAULT_SETTINGS,
     RetryingStore,
     StorageSettings,
