@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from zarr_orch import constants as cst
 from zarr_orch.errors import ConfigurationError, TileError
 
 logger = logging.getLogger(__name__)
@@ -263,3 +264,29 @@ def to_json_safe(obj: Any) -> Any:
     if hasattr(obj, "to_wkt"):
         return obj.to_wkt()
     return repr(obj)
+
+
+def tile_core(
+    values: Any, overlaps: dict[str, Any], window_shape: tuple[int, int], what: str
+) -> np.ndarray:
+    """A tag's values without the tile's overlaps, checked against its core window.
+
+    Shared by the grid writer and the windowed writer so both refuse the same bad tiles
+    with the same message.
+    """
+    values = np.asarray(values)
+    if values.ndim not in (2, 3):
+        raise TileError(
+            f"{what} has {values.ndim} dimensions; expected (row, col) or (band, row, col)"
+        )
+    up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
+    left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
+    h, w = values.shape[-2:]
+    core = values[..., up : h - down, left : w - right]
+    if core.shape[-2:] != tuple(window_shape):
+        raise TileError(
+            f"{what} has shape {values.shape} which, minus overlaps (up={up}, down={down}, "
+            f"left={left}, right={right}), is {core.shape[-2:]} and disagrees with its window "
+            f"of {window_shape[0]}x{window_shape[1]}"
+        )
+    return core

@@ -11,7 +11,7 @@ from zarr_orch import constants as cst
 from zarr_orch.errors import TileError
 from zarr_orch.storage.core.handles import cached_handle
 from zarr_orch.storage.format import records as rec
-from zarr_orch.storage.format.encoding import cast_tile
+from zarr_orch.storage.format.encoding import cast_tile, tile_core
 from zarr_orch.storage.format.product import (
     ProductPlan,
     TagSpec,
@@ -31,8 +31,6 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
     shape2d = array_shape(plan, tile)
     _, _, (r0, r1, c0, c1) = chunk_index(plan, tile.attrs.get(cst.WINDOW), shape2d, what)
     overlaps = tile.attrs.get(cst.OVERLAPS) or {}
-    up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
-    left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
     result = TileWrite()
     written, missing = [], []
     crcs: list[int] = []
@@ -43,20 +41,9 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
             if not tag.optional:
                 logger.warning("%s has no tag %r: nothing saved for it", what, tag.name)
             continue
-        values = np.asarray(tile[tag.name].values)
-        if values.ndim not in (2, 3):
-            raise TileError(
-                f"{what} tag {tag.name!r} has {values.ndim} dimensions; expected (row, col) or "
-                "(band, row, col)"
-            )
-        h, w = values.shape[-2:]
-        core = values[..., up : h - down, left : w - right]
-        if core.shape[-2:] != (r1 - r0, c1 - c0):
-            raise TileError(
-                f"{what} tag {tag.name!r} has shape {values.shape} which, minus overlaps "
-                f"(up={up}, down={down}, left={left}, right={right}), is {core.shape[-2:]} and "
-                f"disagrees with its window of {r1 - r0}x{c1 - c0}"
-            )
+        core = tile_core(
+            tile[tag.name].values, overlaps, (r1 - r0, c1 - c0), f"{what} tag {tag.name!r}"
+        )
         data = cast_tile(core, np.dtype(tag.dtype), tag.nodata, f"{what} tag {tag.name!r}")
         full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
         array = open_tag_array(plan, tag, full_shape, tile, what)

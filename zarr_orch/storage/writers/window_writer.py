@@ -26,6 +26,7 @@ from zarr_orch.errors import StorageError, TileError
 from zarr_orch.storage.core.handles import store_handle
 from zarr_orch.storage.core.zarr_io import set_many
 from zarr_orch.storage.format import records as rec
+from zarr_orch.storage.format.encoding import tile_core
 from zarr_orch.storage.format.journal import MergeJournal
 from zarr_orch.storage.format.product import (
     ProductPlan,
@@ -99,13 +100,6 @@ def gdal_cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(data.astype(dtype))
 
 
-def _core(values: np.ndarray, overlaps: dict[str, Any]) -> np.ndarray:
-    up, down = int(overlaps.get(cst.UP, 0)), int(overlaps.get(cst.DOWN, 0))
-    left, right = int(overlaps.get(cst.LEFT, 0)), int(overlaps.get(cst.RIGHT, 0))
-    h, w = values.shape[-2:]
-    return values[..., up : h - down, left : w - right]
-
-
 def _chunk_keys(array: Any, tag: str, box: tuple[int, int, int, int]) -> list[str]:
     """Store keys of the chunks of `array` that `box` touches."""
     r0, r1, c0, c1 = box
@@ -148,18 +142,9 @@ def _stage(plan: ProductPlan, tile: Any, what: str) -> _Staged:
             if not tag.optional:
                 logger.warning("%s has no tag %r: nothing saved for it", what, tag.name)
             continue
-        values = np.asarray(tile[tag.name].values)
-        if values.ndim not in (2, 3):
-            raise TileError(
-                f"{what} tag {tag.name!r} has {values.ndim} dimensions; expected (row, col) or "
-                "(band, row, col)"
-            )
-        core = _core(values, overlaps)
-        if core.shape[-2:] != (r1 - r0, c1 - c0):
-            raise TileError(
-                f"{what} tag {tag.name!r} has shape {values.shape} which, minus overlaps, is "
-                f"{core.shape[-2:]} and disagrees with its window of {r1 - r0}x{c1 - c0}"
-            )
+        core = tile_core(
+            tile[tag.name].values, overlaps, (r1 - r0, c1 - c0), f"{what} tag {tag.name!r}"
+        )
         data = gdal_cast(core, np.dtype(tag.dtype))
         full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
         array = open_tag_array(layout, tag, full_shape, tile, what)
