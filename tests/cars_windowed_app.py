@@ -22,14 +22,17 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+# at module level, as a CARS pipeline imports its applications before it builds the
+# orchestrator: CARS's cluster and zarr_orch's then start their workers with them imported
+from cars.applications.application import Application
+from cars.data_structures import cars_dataset
+
 X0, Y0, RES = 600000.0, 4800000.0, 0.5
 OVERLAP = 8  # pixels shared by neighbouring point-cloud tiles
 
 
 def point_cloud_tile(row: int, col: int, size: int) -> xr.Dataset:
     """A depth-map tile (x, y, z per epipolar pixel) of a smooth terrain with noise."""
-    from cars.data_structures import cars_dataset
-
     rng = np.random.default_rng(1000 + row * 97 + col)
     rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     step = size - OVERLAP
@@ -47,8 +50,6 @@ def point_cloud_tile(row: int, col: int, size: int) -> xr.Dataset:
 
 def rasterization(orchestrator: Any, out: str, tiles: int, size: int) -> None:
     """SimpleGaussian rasterization of tiles x tiles overlapping point-cloud tiles."""
-    from cars.applications.application import Application
-    from cars.data_structures import cars_dataset
     from pyproj import CRS
 
     clouds = cars_dataset.CarsDataset("arrays", name="point_clouds")
@@ -82,8 +83,6 @@ def rasterization(orchestrator: Any, out: str, tiles: int, size: int) -> None:
 
 def disparity_global(orchestrator: Any, out: str, tiles: int, size: int) -> None:
     """Dense matching's disparity grids from a global range: one tile, window None."""
-    from cars.applications.application import Application
-
     app = Application("dense_matching", cfg={"save_intermediate_data": True})
     grid_right = {
         "epipolar_size_y": tiles * size,

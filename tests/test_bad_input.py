@@ -220,7 +220,10 @@ def test_absolute_file_name_is_an_explicit_location(conf, out_dir, tmp_path):
 # -- refused at the breakpoint, before anything is written -------------------------------------
 
 
-def test_misaligned_grid_is_refused_before_anything_is_written(written, conf, out_dir):
+def test_a_grid_that_is_no_chunk_grid_is_merged_by_the_main_process(written, conf, out_dir, caplog):
+    """A skewed grid (tile row 1 starts at row 30, inside row 0's chunk) follows no chunk
+    grid: its tiles are merged by the main process at their windows (docs/windowed_products.md),
+    the overlap is logged (the later tile in tile order wins), other products are unchanged."""
     with Orchestrator(conf, out_dir=out_dir) as orch:
         good = arrays_dataset(H, W, TILE, name="good")
         orch.add_to_save_lists("good.tif", "hgt", good)
@@ -231,14 +234,13 @@ def test_misaligned_grid_is_refused_before_anything_is_written(written, conf, ou
         bad.tiling_grid = grid
         orch.add_to_save_lists("skewed.tif", "hgt", bad)
         schedule(orch, bad, array_tile, profile_for(H, W))
-        with pytest.raises(zo.MisalignedGridError) as info:
-            orch.breakpoint()
-        message = str(info.value)
-        assert "skewed cannot be saved as Zarr chunks" in message
-        assert "tile (row=1, col=0)" in message
-        assert "row_min=30" in message
-    assert not (out_dir / "good.zarr").exists()
-    assert not (out_dir / "skewed.zarr").exists()
+        orch.breakpoint()
+    for name in ("good", "skewed"):
+        stored = zarr.open_group(str(out_dir / f"{name}.zarr"), mode="r")
+        np.testing.assert_array_equal(stored["hgt"][...], full_field(H, W), err_msg=name)
+        assert stored.attrs["zarr_orch"]["windowed"] is (name == "skewed")
+    [warning] = [r.getMessage() for r in caplog.records if "overlaps" in r.getMessage()]
+    assert "tile (row=1, col=0) of skewed window rows [30, 60)" in warning
     assert_intact(out_dir, written)
 
 
@@ -303,8 +305,7 @@ def test_one_tag_saved_by_two_datasets_is_refused(written, conf, out_dir):
     [
         (no_saving_info_tile, (), "the task returned a tile without attrs['saving_info']"),
         (wrong_cell_tile, (), "names dataset key 0, row 7"),
-        (shifted_window_tile, (profile_for(H, W), 64), "is outside the 60x90 array"),
-        (shifted_window_tile, (profile_for(H, W), 16), "is not exactly one 32x48 chunk"),
+        (shifted_window_tile, (profile_for(H, W), 64), "is outside the 60x90 raster"),
         (cropped_tile, (profile_for(H, W),), "disagrees with its window"),
         (dataframe_tile, (), "is a DataFrame; an 'arrays' dataset needs xarray.Dataset tiles"),
     ],

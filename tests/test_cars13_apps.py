@@ -134,17 +134,16 @@ def test_chain_second_app_reads_and_updates_the_first_ones_geotiff(
     assert "dsm.tif" in names
 
 
-@pytest.mark.skip(
-    reason="CARS 1.3's own orchestrator cannot run it: weighted_fusion sets the profile crs to "
-    "'EPSG:{}'.format(src.crs), and str(CRS) is never a bare code with rasterio 1.4 "
-    "('EPSG:32631', 'ESRI:...', WKT, 'None'), so CARS's saver fails on 'EPSG:EPSG:32631' for "
-    "every tile ('Tile not saved': dsm.tif without CRS, all nodata) whatever the input CRS; "
-    "nothing to compare with. zarr_orch refuses it before any task (MisalignedGridError: a "
-    "grid in terrain metres without final_function takes the grid-aligned path, "
-    "docs/windowed_products.md)"
-)
 def test_weighted_fusion_dsm_merging(tmp_path: Path) -> None:
-    """dsm_merging merges two overlapping DSMs on a terrain tiling grid (metres)."""
+    """dsm_merging merges two overlapping DSMs on a terrain tiling grid (metres).
+
+    CARS 1.3 cannot produce it: weighted_fusion sets the profile crs to
+    ``"EPSG:{}".format(src.crs)``, and str(CRS) is never a bare code with rasterio 1.4+
+    ('EPSG:32631', WKT, ...), so CARS's saver drops every tile ("Tile not saved") and leaves
+    a dsm.tif without CRS, all nodata. zarr_orch takes its metre grid (no chunk grid, no
+    final_function) to the windowed path, runs the tiles, and refuses that CRS loudly,
+    naming the tile, instead of writing an empty raster.
+    """
     from cars13_support import TRANSFORM, write_raster
 
     directory = tmp_path / "merge_inputs"
@@ -174,8 +173,18 @@ def test_weighted_fusion_dsm_merging(tmp_path: Path) -> None:
         )
         orchestrator.breakpoint()
 
-    names = compare_runs(run_matrix(tmp_path, body))
-    assert {"dsm/dsm.tif", "dsm/weights.tif"} <= set(names)
+    run_app("cars", "sequential", tmp_path / "cars", body)
+    data, meta = read(tmp_path / "cars" / "dsm" / "dsm.tif")
+    assert meta["crs"] is None and np.all(data == meta["nodata"])  # CARS 1.3's bug
+    for mode in MODES:
+        out = tmp_path / f"zarr_orch_{mode}"
+        with pytest.raises(TaskFailedError) as err:
+            run_app("zarr_orch", mode, out, body)
+        text = str(err.value)
+        assert "tile (row=0, col=0) of" in text, text
+        assert "profile crs 'EPSG:EPSG:32631' is not a valid CRS" in text, text
+        assert "MisalignedGridError" not in text
+        assert not (out / "dsm" / "dsm.tif").exists()  # no GeoTIFF of a failed breakpoint
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -247,12 +256,6 @@ def test_in_place_update_of_the_input_geotiff(tmp_path: Path, inputs: dict[str, 
     assert results["zarr_orch"][1]["nodata"] == results["cars"][1]["nodata"]
 
 
-@pytest.mark.xfail(
-    raises=TaskFailedError,
-    reason="its tiling grid is in full-resolution pixels while the saved arrays are "
-    "subsampled, and it has no final_function: it takes the grid-aligned path and its tiles "
-    "are refused (docs/windowed_products.md, Known limits)",
-)
 def test_sensor_subsampling_resampling(tmp_path: Path) -> None:
     """sensors_subsampling resamples a sensor image and its mask (rasterio, nbits) by 2."""
     from cars13_support import write_raster

@@ -415,22 +415,26 @@ def test_tile_that_is_a_bare_array_fails_its_task(out_dir):
 
 
 @pytest.mark.parametrize("col_min", [40, 50], ids=["overlapping", "gap"])
-def test_overlapping_or_gapped_windows_are_refused_before_anything_runs(out_dir, col_min):
+def test_overlapping_or_gapped_windows_are_merged_at_their_windows(out_dir, col_min, caplog):
+    """A grid whose column 1 starts before (overlap) or after (gap) column 0 ends is no
+    chunk grid: merged by the main process at the tiles' windows, as CARS's saver writes
+    them. An overlap is logged (the later tile in tile order wins); a gap stays nodata."""
     with Orchestrator(SEQ, out_dir=out_dir) as orch:
         cds = CarsDataset("arrays", name="ds")
         grid = np.array(arrays_dataset(H, W, TILE).tiling_grid)
         grid[:, 1, 2] = col_min  # column 1 starts before (overlap) or after (gap) column 0 ends
         cds.tiling_grid = grid
-        orch.add_to_save_lists("ds.tif", "hgt", cds)
+        orch.add_to_save_lists("ds.tif", "hgt", cds, nodata=-9999)
         schedule(orch, cds, array_tile, profile_for(H, W))
-        with pytest.raises(zo.MisalignedGridError) as info:
-            orch.breakpoint()
-    assert (
-        f"ds cannot be saved as Zarr chunks: tiling grid is not a regular chunk grid: tile "
-        f"(row=0, col=1) with window {{row_min=0, row_max=32, col_min={col_min}, col_max=90}} "
-        "does not start where the tile on its left ends"
-    ) in str(info.value)
-    assert not (out_dir / "ds.zarr").exists()
+        orch.breakpoint()
+    want = full_field(H, W)
+    want[:, TILE[1] : col_min] = -9999  # the gap (empty when the windows overlap)
+    group = zarr.open_group(str(out_dir / "ds.zarr"), mode="r")
+    np.testing.assert_array_equal(group["hgt"][...], want)
+    assert group.attrs["zarr_orch"]["windowed"] is True
+    overlaps = [r.getMessage() for r in caplog.records if "overlaps" in r.getMessage()]
+    assert len(overlaps) == (1 if col_min < TILE[1] else 0), overlaps
+    assert verify_product(str(out_dir / "ds.zarr")).ok
 
 
 def test_lambda_task_in_multiprocessing_mode_is_refused_before_anything_runs(out_dir):

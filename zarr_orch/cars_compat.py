@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections.abc
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,18 @@ def resolve_init_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> InitArgs
         raise ConfigurationError(f"log_dir must be a path or None, got {log_dir!r}")
     metadata = kwargs.get("out_yaml_path") or kwargs.get("out_json_path")
     return InitArgs(log_dir, launch_worker, metadata)
+
+
+def cars_worker_preload(conf: dict[str, Any]) -> dict[str, Any]:
+    """The conf with CARS's forkserver preload ("cars", "cars.pipelines", as CARS's own
+    multiprocessing cluster) when this process runs CARS code and the user chose none: each
+    worker then starts with CARS's applications imported, instead of importing them (~5 s
+    of CPU) at its first task."""
+    if "worker_preload" not in conf or conf["worker_preload"] is not None:
+        return conf
+    if "cars" not in sys.modules:
+        return conf
+    return {**conf, "worker_preload": ["cars", "cars.pipelines"]}
 
 
 def merge_dicts(dict1: dict, dict2: collections.abc.Mapping) -> dict:

@@ -24,8 +24,9 @@ from zarr_orch.breakpoint.book import (
     run_info,
     unrecorded_error,
 )
+from zarr_orch.breakpoint.layouts import WindowLayouts
 from zarr_orch.breakpoint.plan import plan_tiles
-from zarr_orch.breakpoint.prepare import prepare_products
+from zarr_orch.breakpoint.prepare import prepare_products, switch_to_windowed
 from zarr_orch.breakpoint.rounds import RoundRunner
 from zarr_orch.breakpoint.serve import (
     clear_unfinished,
@@ -37,6 +38,7 @@ from zarr_orch.breakpoint.state import RunState, emit_to
 from zarr_orch.cars_compat import (
     CROPPED_WARNING,
     CarsApiMixin,
+    cars_worker_preload,
     flatten_object,
     get_disparity_range_cropped,
     merge_dicts,
@@ -91,6 +93,7 @@ class Orchestrator(CarsApiMixin):
         init = resolve_init_args(args, kwargs)
         launch_worker, out_json_path = init.launch_worker, init.metadata_path
         cluster_cls, self._conf = validate_conf(orchestrator_conf)
+        self._conf = cars_worker_preload(self._conf)
         self._storage_options = self._conf["storage_options"]
         self.tmp_dir_list: list[Any] = []
         if out_dir is None:
@@ -287,6 +290,9 @@ class Orchestrator(CarsApiMixin):
             self._emit,
             timeout=self._conf["task_timeout"],
             merge_order=self._merge_order,
+            layouts=WindowLayouts(
+                self._state, plans, self._switch_to_windowed, resume=self._conf["resume"]
+            ),
         )
         self._guard = rounds.guard = InterruptGuard().__enter__()
         try:
@@ -314,6 +320,11 @@ class Orchestrator(CarsApiMixin):
         if self._state.cropped:
             logger.warning(CROPPED_WARNING)
         return self._state.cropped
+
+    def _switch_to_windowed(self, key_plans: list[Any], key: int) -> list[Any]:
+        """Make a dataset's products windowed (its tiles carry windows of their own)."""
+        item = self.registries.datasets[key]
+        return switch_to_windowed(key_plans, item, self._conf["run_key"], self.run_id, self._state)
 
     def _emit(self, event: str, *args: Any) -> None:
         emit_to(self.callbacks, event, *args)

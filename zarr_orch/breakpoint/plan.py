@@ -81,11 +81,13 @@ def plan_tiles(
     out = TilePlan()
     restrict = None if only is None else {id(d) for d in only}
     for item in tracked:
-        keep = item.key in registries.replace_keys or item.cars_ds.final_function
         key_plans = tuple(plans.get(item.key, ()))
-        worker_plans = () if item.cars_ds.final_function else key_plans
-        done = resumable_tiles(key_plans, state, resume)
         windowed = any(p.windowed for p in key_plans)
+        final = item.cars_ds.final_function is not None
+        # windowed tiles travel back: only the main process writes their chunks
+        keep = item.key in registries.replace_keys or final or windowed
+        worker_plans = () if final or windowed else key_plans
+        done = resumable_tiles(key_plans, state, resume)
         for row, line in enumerate(item.cars_ds.tiles):
             for col, obj in enumerate(line):
                 if obj is None:
@@ -111,7 +113,7 @@ def plan_tiles(
                 if is_delayed:
                     out.tasks.append(attach_sink(obj, sink))
                     out.sinks.append(sink)
-                    if windowed:
+                    if windowed:  # merges depend on their order (sums, overlaps)
                         merge_order.expect(item.key, row, col)
                 elif item.key in registries.save_entries and is_concrete_tile(obj):
                     out.local.append((sink, obj))

@@ -9,11 +9,13 @@ import dataclasses
 import logging
 from typing import Any
 
+from zarr_orch import constants as cst
 from zarr_orch.breakpoint.state import ProductKey, ProductState, RunState, product_key
 from zarr_orch.errors import ConfigurationError, ProductError
 from zarr_orch.registry.fingerprint import digest as fingerprint_digest
 from zarr_orch.registry.fingerprint import fingerprint_components
 from zarr_orch.registry.plan import (
+    as_windowed,
     build_plans,
     intermediate_plan,
     product_attributes,
@@ -21,7 +23,7 @@ from zarr_orch.registry.plan import (
 )
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.storage.core.location import Location
-from zarr_orch.storage.format.product import ProductPlan, product_differences
+from zarr_orch.storage.format.product import ProductPlan, product_differences, product_info
 from zarr_orch.storage.writers.prepare import prepare_product
 from zarr_orch.storage.writers.window_writer import recover_merges
 
@@ -47,6 +49,9 @@ def prepare_products(
     decisions = []
     for key, key_plans in plans.items():
         item = registries.datasets[key]
+        if item.cars_ds.final_function is None and _switched_before(key_plans):
+            # an earlier run found this dataset's tiles carry windows of their own
+            key_plans[:] = [as_windowed(plan) for plan in key_plans]
         for plan in key_plans:
             components = fingerprint_components(plan, item.cars_ds, conf["run_key"])
             reset = decide_reset(plan, components, conf, state.prepared)
@@ -54,12 +59,7 @@ def prepare_products(
     # merges a killed run left half-applied are undone before any record is read
     recover_merges([d[2] for d in decisions if d[2].windowed])
     for key, item, plan, file_name, components, reset in decisions:
-        attributes = product_attributes(plan, item.cars_ds, file_name)
-        attributes["zarr_orch"]["fingerprints"] = {
-            plan.records: {"digest": fingerprint_digest(components), "components": components}
-        }
-        attributes["zarr_orch"]["run_id"] = run_id
-        done = prepare_product(plan, attributes, reset=reset)
+        done = _write_product(plan, item, file_name, components, run_id, reset)
         state.prepared.add(plan.location.url)
         state.products[product_key(plan)] = ProductState(plan, file_name, set(done))
         # a later breakpoint re-registering this product (e.g. CARS's read-modify-write
@@ -70,6 +70,63 @@ def prepare_products(
             state.saved_tags.setdefault(key, {})[tag] = product_key(plan)
         logger.debug("%s: %d tiles already recorded", plan.location, len(done))
     return plans
+
+
+def _write_product(
+    plan: ProductPlan,
+    item: TrackedDataset,
+    file_name: str,
+    components: dict[str, Any],
+    run_id: str,
+    reset: bool,
+) -> set[tuple[int, int]]:
+    """Create (or reuse) one product with its attributes and fingerprint; its done tiles."""
+    attributes = product_attributes(plan, item.cars_ds, file_name)
+    attributes["zarr_orch"]["fingerprints"] = {
+        plan.records: {"digest": fingerprint_digest(components), "components": components}
+    }
+    attributes["zarr_orch"]["run_id"] = run_id
+    return prepare_product(plan, attributes, reset=reset)
+
+
+def _switched_before(key_plans: list[ProductPlan]) -> bool:
+    """Whether the grid products of a dataset were made windowed by an earlier run."""
+    for plan in key_plans:
+        if plan.windowed or plan.kind != cst.CARS_DS_TYPE_ARRAY or plan.all_variables:
+            continue
+        info = product_info(plan.location)
+        if info is not None and info.get("windowed"):
+            return True
+    return False
+
+
+def switch_to_windowed(
+    key_plans: list[ProductPlan],
+    item: TrackedDataset,
+    run_key: str | None,
+    run_id: str,
+    state: RunState,
+) -> list[ProductPlan]:
+    """Make a dataset's grid products windowed (its first tile follows no chunk grid).
+
+    Called by the main process before anything of the dataset was written in this run; the
+    attributes and fingerprint say so, so verify checks it as windowed and a rerun merges
+    in the main process again (`_switched_before`).
+    """
+    switched = []
+    for plan in key_plans:
+        windowed = as_windowed(plan)
+        file_name = state.of(plan).file_name
+        components = fingerprint_components(windowed, item.cars_ds, run_key)
+        done = _write_product(windowed, item, file_name, components, run_id, reset=False)
+        state.products[product_key(windowed)] = ProductState(windowed, file_name, set(done))
+        switched.append(windowed)
+        logger.info(
+            "%s: tiles carry windows of their own; %s is merged by the main process",
+            item.name,
+            plan.location.url,
+        )
+    return switched
 
 
 def _plans_of(

@@ -11,6 +11,7 @@ import signal
 from typing import Any
 
 from zarr_orch.breakpoint.book import Ledger
+from zarr_orch.breakpoint.layouts import WindowLayouts
 from zarr_orch.breakpoint.state import Emit
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
 from zarr_orch.errors import TileError
@@ -42,6 +43,7 @@ class RoundRunner:
         timeout: float | None,
         merge_order: MergeOrder,
         guard: InterruptGuard | None = None,
+        layouts: WindowLayouts | None = None,
     ) -> None:
         self.cluster = cluster
         self.owner = owner
@@ -51,6 +53,8 @@ class RoundRunner:
         self.emit = emit
         self.timeout = timeout
         self.merge_order = merge_order
+        #: who writes tiles that carry their own windows (None: only final_function ones)
+        self.layouts = layouts
         #: the breakpoint's signal guard: a caught signal stops the round cleanly
         self.guard = guard
         self.failures: list[tuple[TileSink, TaskError]] = []
@@ -71,6 +75,7 @@ class RoundRunner:
             return
         futures = self.cluster.start_tasks(tasks)
         sink_of = {id(f): s for f, s in zip(futures, sinks, strict=True)}
+        order = list(sinks)  # creation order (tile order within a dataset)
         tasks.clear()
         for outcome in self.cluster.outcome_iterator(futures, timeout=self.timeout):
             sink = sink_of.pop(id(outcome.future))
@@ -80,6 +85,12 @@ class RoundRunner:
             if outcome.attempts > 1:
                 self.summary.retried += 1
                 self.emit("on_tile_retried", sink.name, sink.row, sink.col, outcome.attempts)
+            if self.layouts is not None and self.layouts.switches(sink, outcome):
+                # its first tile with a window of its own: the rest now merge in tile order
+                pending = {id(s) for s in sink_of.values()} | {id(sink)}
+                for other in order:
+                    if other.key == sink.key and id(other) in pending:
+                        self.merge_order.expect(other.key, other.row, other.col)
             # windowed datasets merge in tile order: an early tile waits for the ones before
             for ready_sink, ready_outcome in self.merge_order.ready(sink, outcome):
                 self.settle(ready_sink, ready_outcome)
@@ -117,30 +128,44 @@ class RoundRunner:
         receipt: Receipt = outcome.value
         item = self.ledger.registries.datasets[sink.key]
         final_function = item.cars_ds.final_function
-        if final_function is not None and receipt.tile is not None:
-            try:
-                tile = final_function(self.owner, receipt.tile)
-                writer = TileSink(
-                    sink.key,
-                    sink.name,
-                    sink.row,
-                    sink.col,
-                    sink.dataset_type,
-                    tuple(self.plans.get(sink.key, ())),
-                    sink.keep_tile,
-                )
-                receipt = writer(tile)
-            except Exception as exc:
-                self.failures.append((sink, TaskError.from_exception(exc)))
+        try:
+            if self.layouts is not None:
+                in_main = self.layouts.main_writes(sink, receipt, final_function is not None)
+            else:
+                in_main = final_function is not None and receipt.tile is not None
+            if not in_main:
+                return receipt
+            tile = receipt.tile
+            if final_function is not None:
+                tile = final_function(self.owner, tile)
+            elif self.layouts is not None:
+                self.layouts.note_overlap(sink, tile)
+            writer = TileSink(
+                sink.key,
+                sink.name,
+                sink.row,
+                sink.col,
+                sink.dataset_type,
+                tuple(self.plans.get(sink.key, ())),
+                sink.keep_tile,
+            )
+            return writer(tile)
+        except Exception as exc:
+            self.failures.append((sink, TaskError.from_exception(exc)))
+            if final_function is not None:
                 logger.error("%s: final_function failed: %s", sink.what, exc)
-                return None
-        return receipt
+            else:
+                logger.error("%s failed: %s", sink.what, exc)
+            return None
 
     def _book_if_done(self, sink: TileSink, outcome: Outcome) -> None:
         """Book (and count) a tile that finished while we were being interrupted: it is on
         disk, so the summary the user reads must include it."""
-        if outcome.ok and isinstance(outcome.value, Receipt):
-            self.ledger.done_tile(sink, outcome.value, self.summary)
+        receipt = outcome.value
+        if not outcome.ok or not isinstance(receipt, Receipt) or receipt.misfit:
+            return
+        if sink.plans or not self.plans.get(sink.key):  # else the main process merges it
+            self.ledger.done_tile(sink, receipt, self.summary)
 
     def _stop_for_signal(self) -> None:
         """Stop the workers, write the records, raise Interrupted with one line of counts."""

@@ -6,6 +6,7 @@ before any task starts — and where CARS file names (``dsm.tif``) become Zarr p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 import re
@@ -86,16 +87,12 @@ def build_plans(
     grid = np.asarray(cars_ds.tiling_grid)
     windowed = is_windowed(cars_ds)
     if windowed:
-        # tiles carry their own windows (CARS's rasterization): merged by the main process
-        # into arrays with their own chunk grid (window_writer); the grid is a placeholder
+        # tiles carry their own windows (CARS's rasterization, dsm_merging): merged by the
+        # main process into arrays with their own chunk grid (window_writer); the grid is
+        # a placeholder, the tiles' profile gives the raster size
         chunks, extent = (WINDOW_CHUNK, WINDOW_CHUNK), _windowed_extent(grid)
     elif cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY:
-        try:
-            chunks = regular_chunk_shape(grid)
-        except MisalignedGridError as exc:
-            raise MisalignedGridError(
-                f"{tracked.name} cannot be saved as Zarr chunks: {exc}"
-            ) from None
+        chunks = regular_chunk_shape(grid)
         extent = grid_extent(grid)
     else:
         chunks, extent = (1, 1), (int(grid.shape[0]), int(grid.shape[1]))
@@ -127,12 +124,29 @@ def build_plans(
 
 def is_windowed(cars_ds: Any) -> bool:
     """Whether an arrays dataset takes the windowed single-writer path: it has a
-    ``final_function`` (merges each tile with what is on disk, as CARS's rasterization does).
+    ``final_function`` (merges each tile with what is on disk, as CARS's rasterization does),
+    or its tiling grid is no chunk grid (terrain metres, irregular tiles: dsm_merging).
 
     Other arrays datasets take the grid-aligned path: each tile is one chunk, written by the
-    worker that computed it.
+    worker that computed it; a tile found there with a window of its own makes its dataset
+    windowed at run time (`zarr_orch.breakpoint.layouts`).
     """
-    return cars_ds.dataset_type == cst.CARS_DS_TYPE_ARRAY and cars_ds.final_function is not None
+    if cars_ds.dataset_type != cst.CARS_DS_TYPE_ARRAY:
+        return False
+    if cars_ds.final_function is not None:
+        return True
+    try:
+        regular_chunk_shape(np.asarray(cars_ds.tiling_grid))
+    except MisalignedGridError as exc:
+        name = getattr(cars_ds, "name", None) or "a dataset"
+        logger.info("%s: %s; its tiles are merged by the main process", name, exc)
+        return True
+    return False
+
+
+def as_windowed(plan: ProductPlan) -> ProductPlan:
+    """The windowed version of a grid product's plan (same location, tags and records)."""
+    return dataclasses.replace(plan, windowed=True, describe_tiles=False)
 
 
 def _windowed_extent(grid: np.ndarray) -> tuple[int, int]:
@@ -150,14 +164,14 @@ def intermediate_plan(
     if cars_ds.dataset_type != cst.CARS_DS_TYPE_ARRAY:
         return None
     if is_windowed(cars_ds):
-        logger.info("%s merges tiles through final_function: no intermediate product", tracked.name)
+        logger.info(
+            "%s merges tiles in the main process (final_function, or no chunk grid): no "
+            "intermediate product",
+            tracked.name,
+        )
         return None
     grid = np.asarray(cars_ds.tiling_grid)
-    try:
-        chunks = regular_chunk_shape(grid)
-    except MisalignedGridError as exc:
-        logger.warning("%s is not stored as an intermediate product: %s", tracked.name, exc)
-        return None
+    chunks = regular_chunk_shape(grid)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tracked.name).strip("._") or f"dataset_{tracked.key}"
     extent = grid_extent(grid)
     return ProductPlan(

@@ -15,7 +15,7 @@ from typing import Any
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import TileError
-from zarr_orch.storage.format.product import ProductPlan, TileWrite
+from zarr_orch.storage.format.product import ProductPlan, TileWrite, follows_chunk_grid
 from zarr_orch.storage.writers.window_writer import merge_tile
 from zarr_orch.storage.writers.writers import write_tile
 
@@ -39,6 +39,9 @@ class Receipt:
     empty: bool = False
     #: the tile says dense matching cropped its disparity range (CARS's breakpoint result)
     cropped: bool = False
+    #: the tile's window is not one chunk of its grid product: nothing was written, the
+    #: tile travels back and the main process merges it (`breakpoint.layouts`)
+    misfit: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +78,13 @@ class TileSink:
         if self.plans and all(plan.windowed for plan in self.plans):
             # one transaction over every product of the tile (storage/window_writer.py)
             receipt.writes = merge_tile(self.plans, tile, self.row, self.col, self.what)
+        elif not all(follows_chunk_grid(plan, tile, self.what) for plan in self.plans):
+            # a window of its own (e.g. a subsampled raster on a full-resolution grid): no
+            # worker may write it, chunks would be shared; checked before any write
+            receipt.misfit = True
+            receipt.tile = tile
+            receipt.seconds = time.perf_counter() - start
+            return receipt
         else:
             for plan in self.plans:
                 receipt.writes[(plan.location.url, plan.records)] = write_tile(

@@ -74,6 +74,20 @@ def _check_ram(value: Any) -> float | None:
     return value
 
 
+def _check_preload(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, str) and v.strip() for v in value
+    ):
+        raise ConfigurationError(
+            f"worker_preload must be a list of module names or null, got {value!r}"
+        )
+    return [v.strip() for v in value]
+
+
 def resolve_nb_workers(value: int | str) -> int:
     """`"auto"` means all usable cores but one (the main process writes too), at least 1."""
     if value != "auto":
@@ -140,6 +154,12 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             None,
             _optional_int("max_in_flight"),
             "tasks sent to workers at once (null: 2 * nb_workers)",
+        ),
+        "worker_preload": Option(
+            None,
+            _check_preload,
+            "modules imported once by the forkserver, before it forks the workers (forkserver "
+            "only; null: none besides the script itself)",
         ),
     }
 
@@ -214,7 +234,12 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             # '__main__' is the default preload (tasks defined in a script); ours, and the tile
             # sink's (numpy, xarray, zarr), are imported once in the server, not per worker
             self._ctx.set_forkserver_preload(
-                ["__main__", worker_main.__module__, "zarr_orch.registry.sink"]
+                [
+                    "__main__",
+                    worker_main.__module__,
+                    "zarr_orch.registry.sink",
+                    *(self.conf["worker_preload"] or ()),
+                ]
             )
         self._started = True
         for _ in range(self.nb_workers):

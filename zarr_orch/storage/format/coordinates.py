@@ -88,6 +88,8 @@ def ensure_coordinates(
 
 
 def geo_for_tile(tile: Any, what: str) -> dict[str, Any]:
+    """Georeferencing of the array a tile creates, from its rasterio profile (and the
+    profile's nodata: CARS's GeoTIFF takes it when the tag was registered without one)."""
     profile = tile.attrs.get(cst.PROFILE) or {}
     try:
         geo = geo_layout(profile)
@@ -96,4 +98,5 @@ def geo_for_tile(tile: Any, what: str) -> dict[str, Any]:
     coeffs = geo["transform"]
     geo["has_xy"] = bool(coeffs) and coeffs[1] == 0 and coeffs[3] == 0
     geo["has_ref"] = bool(coeffs or geo["crs_wkt"] or geo["crs"])
+    geo["profile_nodata"] = profile.get("nodata")
     return geo

@@ -9,6 +9,7 @@ writes the first tile (the main process or a worker) with deterministic metadata
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from functools import cache
@@ -350,6 +351,9 @@ def _create_array(
         geo = {**geo, "has_xy": False}
     ensure_coordinates(group, staged, height, width, bands, geo)
     attrs, fill_value = xarray_fill_attrs(tag.dtype, tag.nodata, len(shape))
+    if tag.nodata is None and geo.get("profile_nodata") is not None:
+        # CARS writes a tag registered without nodata with its first tile's profile nodata
+        attrs[PROFILE_NODATA] = json_number(geo["profile_nodata"])
     coords = [cst.ROW, cst.COL] if geo.get("has_xy") else []
     if geo.get("has_ref"):
         coords.append(SPATIAL_REF)
@@ -371,6 +375,18 @@ def _create_array(
     publish(staged.store, group.store_path.store, skip=("zarr.json",), prefix=group.path)
 
 
+#: array attribute: the tile profile's nodata of a tag registered without one (GeoTIFFs)
+PROFILE_NODATA = "cars_profile_nodata"
+
+
+def json_number(value: Any) -> Any:
+    """A nodata value as JSON holds it: NaN and infinities as strings (zarr refuses them)."""
+    number = float(value)
+    if math.isfinite(number):
+        return int(number) if number.is_integer() and not isinstance(value, float) else number
+    return str(number)
+
+
 def array_shape(plan: ProductPlan, tile: Any) -> tuple[int, int]:
     """(height, width) of the product: the profile's when given, else the tile grid's extent."""
     profile = tile.attrs.get(cst.PROFILE) or {}
@@ -382,10 +398,13 @@ def array_shape(plan: ProductPlan, tile: Any) -> tuple[int, int]:
         raise TileError(f"profile height/width {height!r}/{width!r} are not integers") from None
 
 
-def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: str):
-    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk.
+def tile_window(
+    plan: ProductPlan, window: dict | None, shape: tuple[int, int], what: str
+) -> tuple[int, int, int, int]:
+    """(row_min, row_max, col_min, col_max) of a tile's window inside the raster.
 
     A single-tile dataset may leave the window None: its tile is the whole raster (CARS).
+    A window reaching outside the raster (or empty) is refused.
     """
     if window is None and tuple(plan.grid_shape) == (1, 1):
         window = {cst.ROW_MIN: 0, cst.ROW_MAX: shape[0], cst.COL_MIN: 0, cst.COL_MAX: shape[1]}
@@ -401,10 +420,38 @@ def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: s
     if r0 < 0 or c0 < 0 or r1 > height or c1 > width or r1 <= r0 or c1 <= c0:
         raise TileError(
             f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is outside the {height}x{width} "
-            "array (or empty)"
+            "raster of its profile (or empty); crop the window to the raster"
         )
+    return r0, r1, c0, c1
+
+
+def is_chunk_window(
+    plan: ProductPlan, box: tuple[int, int, int, int], shape: tuple[int, int]
+) -> bool:
+    """Whether `box` is exactly one chunk of the plan's grid (the worker-side write path)."""
+    r0, r1, c0, c1 = box
     ch, cw = plan.chunks
-    if r0 % ch or c0 % cw or r1 != min(r0 + ch, height) or c1 != min(c0 + cw, width):
+    height, width = shape
+    return not (r0 % ch or c0 % cw or r1 != min(r0 + ch, height) or c1 != min(c0 + cw, width))
+
+
+def follows_chunk_grid(plan: ProductPlan, tile: Any, what: str) -> bool:
+    """Whether an arrays tile's window is one chunk of its grid product (False for a tile
+    that carries a window of its own: the main process then merges it, `window_writer`)."""
+    if plan.windowed or plan.kind != cst.CARS_DS_TYPE_ARRAY or not hasattr(tile, "data_vars"):
+        return True  # (a tile of the wrong type is refused by its writer)
+    window = tile.attrs.get(cst.WINDOW)
+    if window is None and tuple(plan.grid_shape) != (1, 1):
+        return False  # CARS: None is the whole raster
+    shape = array_shape(plan, tile)
+    return is_chunk_window(plan, tile_window(plan, window, shape, what), shape)
+
+
+def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: str):
+    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk."""
+    r0, r1, c0, c1 = tile_window(plan, window, shape, what)
+    ch, cw = plan.chunks
+    if not is_chunk_window(plan, (r0, r1, c0, c1), shape):
         raise TileError(
             f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is not exactly one {ch}x{cw} "
             "chunk of the product; tiles must follow the dataset's tiling grid (tiles that carry "

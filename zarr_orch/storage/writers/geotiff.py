@@ -29,7 +29,7 @@ from zarr_orch.storage.core.handles import open_group
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.format import records as rec
 from zarr_orch.storage.format.coordinates import SPATIAL_REF
-from zarr_orch.storage.format.product import product_info
+from zarr_orch.storage.format.product import PROFILE_NODATA, product_info
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,8 @@ def _open_source(location: Location, tag: str | None) -> _Source:
     nodata = spec.get("nodata")
     if nodata is None and name not in (info.get("tags") or {}):
         nodata = float(array.fill_value) if np.dtype(array.dtype).kind == "f" else None
+    if nodata is None and array.attrs.get(PROFILE_NODATA) is not None:
+        nodata = float(array.attrs[PROFILE_NODATA])  # as CARS's descriptor: the profile's
     crs_wkt, transform = _georeferencing(group, arrays)
     grid = (math.ceil(height / chunks[0]), math.ceil(width / chunks[1]))
     done = _done_grid(location, info, name, grid)
