@@ -30,7 +30,7 @@ from zarr_orch import CarsDataset, Orchestrator
 from zarr_orch.data.tiling import generate_tiling_grid
 from zarr_orch.errors import StorageError
 from zarr_orch.storage.core.zarr_io import get_bytes, list_keys, set_bytes
-from zarr_orch.storage.format.journal import MANIFEST, MergeJournal
+from zarr_orch.storage.format.journal import MANIFEST, UNDO, MergeJournal
 from zarr_orch.storage.readers.verify import verify_product
 
 
@@ -186,24 +186,58 @@ def test_a_raising_final_function_names_its_tile_keeps_earlier_tiles_and_resumes
     assert_equal_arrays(product_arrays(out_dir / "merged.zarr"), reference(6).arrays)
 
 
-def test_overlapping_windows_without_final_function_are_refused(out_dir, seq_conf):
-    """Which overlapping tile would win is arrival order in CARS: refused, nothing torn."""
-    with Orchestrator(seq_conf, out_dir=out_dir) as orch:
-        cds = CarsDataset("arrays", name="raw")
-        cds.tiling_grid = generate_tiling_grid(0, 0, 1, 2, 1, 1)
-        orch.add_to_save_lists("raw.tif", "val", cds, dtype="float32", nodata=-9999)
-        [info] = orch.get_saving_infos([cds])
-        for index in range(2):
-            cds[0, index] = orch.cluster.create_task(windowed_tile)(
-                index, zo.update_saving_infos(info, row=0, col=index), profile()
-            )
-        with pytest.raises(zo.TaskFailedError) as err:
+def flaky_tile(index: int, saving_info: dict, prof: dict, fail_from: int) -> Any:
+    """windowed_tile, failing from tile `fail_from` on (an interrupted run)."""
+    if index >= fail_from:
+        raise ValueError(f"tile {index} fails")
+    return windowed_tile(index, saving_info, prof)
+
+
+def overlapping_raw(orch: Orchestrator, tiles: int, fail_from: int = 1 << 20) -> None:
+    """A 1 x `tiles` dataset without final_function whose windows overlap (windowed_tile)."""
+    cds = CarsDataset("arrays", name="raw")
+    cds.tiling_grid = generate_tiling_grid(0, 0, 1, tiles, 1, 1)
+    for tag, (dtype, nodata) in TAGS.items():
+        orch.add_to_save_lists("raw.tif", tag, cds, dtype=dtype, nodata=nodata)
+    [info] = orch.get_saving_infos([cds])
+    for index in range(tiles):
+        cds[0, index] = orch.cluster.create_task(flaky_tile)(
+            index, zo.update_saving_infos(info, row=0, col=index), profile(), fail_from
+        )
+
+
+@pytest.mark.parametrize("mode", ["sequential", "multiprocessing"])
+def test_overlapping_windows_without_final_function_later_tile_wins(out_dir, mode, caplog):
+    """CARS's saver pastes each tile at its window (last written wins; arrival order in its
+    multiprocessing mode): here the later tile in tile order wins, in every mode, logged."""
+    conf = {"mode": mode, "progress": False, "max_retries": 0}
+    tiles = 6
+    with Orchestrator(conf, out_dir=out_dir) as orch:
+        overlapping_raw(orch, tiles)
+        orch.breakpoint()
+    want = reference(tiles, final=lambda _saver, tile: tile)  # pasted in tile order
+    assert_equal_arrays(product_arrays(out_dir / "raw.zarr"), want.arrays)
+    warnings = [r.getMessage() for r in caplog.records if "overlaps" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per dataset
+    assert "tile (row=0, col=1) of raw" in warnings[0] and "the later one" in warnings[0]
+    info = zarr.open_group(str(out_dir / "raw.zarr"), mode="r").attrs["zarr_orch"]
+    assert info["windowed"] is True
+
+
+def test_overlapping_windows_resume_exactly(out_dir, seq_conf):
+    """A rerun after tiles 0-2 of 6 were merged ends as the uninterrupted run (tile order)."""
+    conf = {**seq_conf, "max_retries": 0}
+    with Orchestrator(conf, out_dir=out_dir) as orch:
+        overlapping_raw(orch, 6, fail_from=3)
+        with pytest.raises(zo.TaskFailedError):
             orch.breakpoint()
-    text = str(err.value)
-    assert "is not exactly one 1x1 chunk of the product" in text
-    assert "need the dataset's final_function to say how they merge" in text
-    group = zarr.open_group(str(out_dir / "raw.zarr"), mode="r")
-    assert "val" not in group.array_keys()
+    with Orchestrator(conf, out_dir=out_dir) as orch:
+        overlapping_raw(orch, 6)
+        orch.breakpoint()
+    stats = json.loads((out_dir / "metadata.json").read_text())["zarr_orch"]["stats"]
+    assert (stats["tiles"], stats["resumed"]) == (3, 3)
+    want = reference(6, final=lambda _saver, tile: tile)
+    assert_equal_arrays(product_arrays(out_dir / "raw.zarr"), want.arrays)
 
 
 def test_resume_skips_merged_tiles_and_merges_the_rest_once(out_dir, seq_conf):
@@ -227,10 +261,10 @@ def test_journal_rolls_back_a_half_applied_merge_across_products(tmp_path):
     set_bytes(first, "v/c/0/0", b"old chunk")
     set_bytes(second, "w/c/1/0", b"old weights")
     journal = MergeJournal(first)
-    previous = journal.begin(
-        (0, 5), [("a", first, "v/c/0/0"), ("a", first, "v/c/0/1"), ("b", second, "w/c/1/0")]
-    )
-    assert previous == [b"old chunk", None, b"old weights"]
+    entries = [("a", first, "v/c/0/0"), ("a", first, "v/c/0/1"), ("b", second, "w/c/1/0")]
+    journal.begin((0, 5), entries, [b"old chunk", None, b"old weights"])
+    # one undo object for every key, whatever their number, then the manifest
+    assert sorted(list_keys(first, "_zarr_orch/journal/")) == sorted([MANIFEST, UNDO])
     set_bytes(first, "v/c/0/0", b"half merged")
     set_bytes(first, "v/c/0/1", b"new chunk")
     set_bytes(second, "w/c/1/0", b"new weights")
@@ -244,10 +278,27 @@ def test_journal_rolls_back_a_half_applied_merge_across_products(tmp_path):
     assert MergeJournal(first).recover(stores) is None  # nothing left to undo
 
 
+def test_an_older_versions_journal_is_still_rolled_back(tmp_path):
+    """Before the undo object, each key had its own copy: a run killed by an older version
+    is rolled back by this one."""
+    store = zarr.storage.LocalStore(str(tmp_path / "a.zarr"))
+    set_bytes(store, "v/c/0/0", b"half merged")
+    set_bytes(store, "v/c/0/1", b"created by the merge")
+    set_bytes(store, "_zarr_orch/journal/0.undo", b"old chunk")
+    manifest = {"tile": [0, 2], "entries": [["a", "v/c/0/0", "_zarr_orch/journal/0.undo"]]}
+    manifest["entries"].append(["a", "v/c/0/1", None])
+    set_bytes(store, MANIFEST, json.dumps(manifest).encode())
+    assert MergeJournal(store).recover({"a": store}) == (0, 2)
+    assert get_bytes(store, "v/c/0/0") == b"old chunk"
+    assert get_bytes(store, "v/c/0/1") is None
+    assert list_keys(store, "_zarr_orch/journal/") == []
+
+
 def test_a_journal_naming_a_product_this_run_does_not_register_is_refused(tmp_path):
     first = zarr.storage.LocalStore(str(tmp_path / "a.zarr"))
     other = zarr.storage.LocalStore(str(tmp_path / "b.zarr"))
-    MergeJournal(first).begin((0, 1), [("a", first, "v/c/0/0"), ("b", other, "w/c/0/0")])
+    entries = [("a", first, "v/c/0/0"), ("b", other, "w/c/0/0")]
+    MergeJournal(first).begin((0, 1), entries, [None, None])
     with pytest.raises(StorageError, match="also changed b, which this run does not register"):
         MergeJournal(first).recover({"a": first})
     assert get_bytes(first, MANIFEST) is not None  # kept for the run that can roll it back
@@ -301,7 +352,8 @@ def test_on_s3_a_half_applied_merge_is_rolled_back_at_start_up(s3_options, s3_bu
     # a crash in the middle of a merge: journal begun, chunks half rewritten
     keys = ["val/c/0/0", "count/c/1/1", "seen/c/2/3"]
     product = f"{url}/merged.zarr"
-    MergeJournal(store).begin((0, 5), [(product, store, key) for key in keys])
+    entries = [(product, store, key) for key in keys]
+    MergeJournal(store).begin((0, 5), entries, [get_bytes(store, key) for key in keys])
     for key in keys:
         set_bytes(store, key, b"torn bytes of a half-applied merge")
     with Orchestrator(conf, out_dir=url) as orch:

@@ -3,12 +3,14 @@
 A windowed tile (`window_writer`) read-modify-writes the chunks its window spans and its
 completion record block. Merging is not idempotent (a tile merged twice counts twice), so
 before changing anything the single writer stores the previous bytes of every key it is
-about to change, then a manifest naming them (``_zarr_orch/journal/merge.json``, one
+about to change, all in one object (``_zarr_orch/journal/undo.bin``), then a manifest
+naming each key with its offset and length in it (``_zarr_orch/journal/merge.json``, one
 atomic write: its presence means "a merge may be half-applied"). It then writes the chunks,
-then the tile's record, then deletes the manifest (the commit) and the undo copies. At
+then the tile's record, then deletes the manifest (the commit) and the undo object. At
 start-up `recover` puts every journaled key back as it was (absent keys are deleted) and
 removes the manifest, so the product is exactly as after the previous committed tile, and
 that tile is recomputed. Restoring is idempotent: a recovery killed itself is redone.
+Manifests of older versions (one undo object per key) are still rolled back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from zarr_orch.errors import StorageError
 from zarr_orch.storage.core.zarr_io import (
     delete_many,
     get_bytes,
-    get_many,
     list_keys,
     local_root,
     set_many,
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_PREFIX = "_zarr_orch/journal/"
 MANIFEST = JOURNAL_PREFIX + "merge.json"
+#: the previous bytes of every journaled key, concatenated (offsets in the manifest)
+UNDO = JOURNAL_PREFIX + "undo.bin"
 
 
 def _undo_key(index: int) -> str:
@@ -50,30 +53,30 @@ class MergeJournal:
     def __post_init__(self) -> None:
         self._undo: list[str] = []
 
-    def begin(self, tile: tuple[int, int], entries: list[tuple[str, Any, str]]) -> list[Any]:
-        """Save the current bytes of every (product url, store, key) the merge will change,
-        then the manifest naming them. Returns those bytes (None for absent keys)."""
-        previous: list[bytes | None] = [None] * len(entries)
-        by_store: dict[int, list[int]] = {}
-        for index, (_url, store, _key) in enumerate(entries):
-            by_store.setdefault(id(store), []).append(index)
-        for indexes in by_store.values():
-            store = entries[indexes[0]][1]
-            values = get_many(store, [entries[i][2] for i in indexes])
-            for i, value in zip(indexes, values, strict=True):
-                previous[i] = value
+    def begin(
+        self,
+        tile: tuple[int, int],
+        entries: list[tuple[str, Any, str]],
+        previous: list[bytes | None],
+    ) -> None:
+        """Save `previous`, the current bytes (None: absent) of every (product url, store,
+        key) the merge will change, then the manifest naming them: two writes whatever the
+        number of keys."""
         manifest_entries = []
-        copies: dict[str, bytes] = {}
-        for index, ((url, _store, key), value) in enumerate(zip(entries, previous, strict=True)):
-            undo = None if value is None else _undo_key(index)
-            if value is not None:
-                copies[undo] = value
-            manifest_entries.append([url, key, undo])
-        set_many(self.store, copies)  # every copy is stored before the manifest names it
+        parts: list[bytes] = []
+        offset = 0
+        for (url, _store, key), value in zip(entries, previous, strict=True):
+            if value is None:
+                manifest_entries.append([url, key, None])
+                continue
+            manifest_entries.append([url, key, [offset, len(value)]])
+            parts.append(value)
+            offset += len(value)
+        if parts:  # stored before the manifest names it
+            set_many(self.store, {UNDO: b"".join(parts)})
         manifest = {"tile": list(tile), "entries": manifest_entries}
         set_many(self.store, {MANIFEST: json.dumps(manifest, sort_keys=True).encode()})
-        self._undo = list(copies)
-        return previous
+        self._undo = [UNDO] if parts else []
 
     def commit(self, undo: list[str] | None = None) -> None:
         """The merge is fully applied: drop the manifest first, then the undo copies."""
@@ -110,20 +113,32 @@ class MergeJournal:
                 "which this run does not register: rerun the pipeline that was interrupted "
                 "(same products) so it can be rolled back, or rerun with resume: false"
             )
+        packed = any(isinstance(undo, list) for _url, _key, undo in entries)
+        blob = get_bytes(self.store, UNDO) if packed else None
         for url, key, undo in entries:
             if undo is None:
                 delete_many(stores[url], [key])
                 continue
-            value = get_bytes(self.store, undo)
+            if isinstance(undo, list):  # [offset, length] in the undo object
+                start, length = int(undo[0]), int(undo[1])
+                short = blob is None or len(blob) < start + length
+                value = None if short else blob[start : start + length]
+                source = UNDO
+            else:  # an older version's one object per key
+                value = get_bytes(self.store, undo)
+                source = undo
             if value is None:  # undo copies are written before the manifest: tampering
                 raise StorageError(
-                    f"the merge journal names {undo} (previous bytes of {key} in {url}) but it "
-                    "is missing: the products cannot be rolled back; rerun with resume: false "
-                    "to rebuild them"
+                    f"the merge journal names {source} (previous bytes of {key} in {url}) but "
+                    "it is missing or short: the products cannot be rolled back; rerun with "
+                    "resume: false to rebuild them"
                 )
             set_many(stores[url], {key: value})
         tile = (int(manifest["tile"][0]), int(manifest["tile"][1]))
-        self.commit([undo for _url, _key, undo in entries if undo is not None])
+        self.commit(
+            [undo for _url, _key, undo in entries if isinstance(undo, str)]
+            + ([UNDO] if packed else [])
+        )
         logger.warning(
             "rolled back the unfinished merge of tile (%d, %d): %d key(s) restored; the tile "
             "is merged again",

@@ -105,14 +105,17 @@ class ChunkWriter:
         As zarr does with ``write_empty_chunks=False``: an edge chunk is padded with the fill
         value, and a chunk that is all fill value is not stored (and a stale one is removed).
         """
+        self.put(chunk_coords, self.encode(data))
+
+    def encode(self, data: np.ndarray) -> bytes | None:
+        """The stored bytes of a chunk holding `data` (None: all fill value, not stored)."""
         if data.dtype != self.dtype or data.ndim != len(self.chunk_shape):
             raise TypeError(
                 f"chunk {data.dtype} {data.shape} does not fit the array's {self.dtype} "
                 f"{self.chunk_shape} chunks"
             )
         if self._all_fill(data):
-            self._delete(self.key(chunk_coords))
-            return
+            return None
         if data.shape != self.chunk_shape:
             full = np.full(self.chunk_shape, self.fill, dtype=self.dtype)
             full[tuple(slice(0, n) for n in data.shape)] = data
@@ -123,12 +126,19 @@ class ChunkWriter:
         payload: Any = raw.reshape(-1).view("B")
         if self.compress is not None:
             payload = self.compress(payload)
-        parts = [payload]
+        payload = bytes(payload)
         if self.crc32c:
             import google_crc32c
 
-            parts.append(int(google_crc32c.value(payload)).to_bytes(4, "little"))
-        self._store(self.key(chunk_coords), parts)
+            payload += int(google_crc32c.value(payload)).to_bytes(4, "little")
+        return payload
+
+    def put(self, chunk_coords: tuple[int, ...], payload: bytes | None) -> None:
+        """Store encoded chunk bytes (`encode`), or remove the chunk for None."""
+        if payload is None:
+            self._delete(self.key(chunk_coords))
+        else:
+            self._store(self.key(chunk_coords), [payload])
 
     def _all_fill(self, data: np.ndarray) -> bool:
         if self.fill_is_nan:

@@ -37,6 +37,7 @@ from zarr_orch.storage.format.product import (
     open_tag_array,
 )
 from zarr_orch.storage.writers.chunk_writer import ChunkWriter
+from zarr_orch.storage.writers.merge_cache import CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +188,13 @@ def merge_tile(
         ]
         url = part.plan.location.url
         entries += [(url, part.store, key) for key in [*part.keys, part.record_key]]
+    values: list[bytes | None] = []
+    for part in parts:  # what is stored now: remembered by this writer, else read at once
+        keys = [*part.keys, part.record_key]
+        values += CACHE.read(part.plan.location.url, part.store, keys)
     journal = MergeJournal(parts[0].store)
-    previous = iter(journal.begin((row, col), entries))
+    journal.begin((row, col), entries, values)
+    previous = iter(values)
     for part in parts:
         before = {key: next(previous) for key in part.keys}
         old_block = next(previous)
@@ -196,15 +202,17 @@ def merge_tile(
             _merge_into(part.plan, tag.name, array, data, part.box, before)
         # the record last, into the block bytes the journal read (records are raw uint64)
         block_shape = _records_block(part.plan)
-        values = (
+        records = (
             np.zeros(block_shape, dtype="<u8")
             if old_block is None
             else np.frombuffer(old_block, dtype="<u8").reshape(block_shape).copy()
         )
-        values[row % block_shape[0], col % block_shape[1], :] = np.frombuffer(
+        records[row % block_shape[0], col % block_shape[1], :] = np.frombuffer(
             rec.record_bytes(part.result.nbytes, part.crcs), dtype="<u8"
         )
-        set_many(part.store, {part.record_key: values.tobytes()})
+        block = records.tobytes()
+        set_many(part.store, {part.record_key: block})
+        CACHE.put(part.plan.location.url, part.record_key, block)
     journal.commit()
     # recorded already, with the merge: no record for the background RecordWriter
     return {(part.plan.location.url, part.plan.records): part.result for part in parts}
@@ -222,11 +230,13 @@ def _merge_into(
     updated and re-encoded with the array's own codecs (zarr's general path otherwise)."""
     r0, r1, c0, c1 = box
     writer = _chunk_writer(plan, tag, array)
+    url = plan.location.url
     if writer is None:
         if data.ndim == 2:
             array[r0:r1, c0:c1] = data
         else:
             array[:, r0:r1, c0:c1] = data
+        CACHE.forget(url, list(before))
         return
     height, width = (int(n) for n in array.shape[-2:])
     ch, cw = writer.chunk_shape[-2:]
@@ -239,7 +249,9 @@ def _merge_into(
             target = (slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
             chunk[(..., *target)] = data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
             valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
-            writer.write(coords, chunk[(..., *valid)])
+            payload = writer.encode(chunk[(..., *valid)])
+            writer.put(coords, payload)
+            CACHE.put(url, writer.key(coords), payload)
 
 
 def _chunk_writer(plan: ProductPlan, tag: str, array: Any) -> ChunkWriter | None:
@@ -296,14 +308,34 @@ def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.nd
     except KeyError:
         return None
     r0, r1, c0, c1 = tile_box(tile.attrs.get(cst.WINDOW), tuple(array.shape[-2:]), what)
-    if array.ndim == 2:
-        return np.asarray(array[r0:r1, c0:c1])
-    return np.asarray(array[:, r0:r1, c0:c1])
+    writer = _chunk_writer(plan, tag, array)
+    if writer is None:  # a codec chain ChunkWriter does not reproduce: zarr reads it
+        return np.asarray(array[r0:r1, c0:c1] if array.ndim == 2 else array[:, r0:r1, c0:c1])
+    ch, cw = writer.chunk_shape[-2:]
+    out = np.empty((*array.shape[:-2], r1 - r0, c1 - c0), dtype=writer.dtype)
+    cells = [
+        (i, j)
+        for i in range(r0 // ch, (r1 - 1) // ch + 1)
+        for j in range(c0 // cw, (c1 - 1) // cw + 1)
+    ]
+    coords = [(i, j) if array.ndim == 2 else (0, i, j) for i, j in cells]
+    raws = CACHE.read(
+        plan.location.url, store_handle(plan.location), [writer.key(c) for c in coords]
+    )
+    for (i, j), raw in zip(cells, raws, strict=True):
+        chunk = _decode(writer, raw)
+        a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
+        b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
+        out[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = chunk[
+            ..., a0 - i * ch : a1 - i * ch, b0 - j * cw : b1 - j * cw
+        ]
+    return out
 
 
 def recover_merges(plans: list[ProductPlan]) -> list[tuple[int, int]]:
     """Roll back the merges a crash left unfinished in these windowed products (start-up,
     before their records are read); returns the rolled-back tiles."""
+    CACHE.clear()  # a new breakpoint: anything may have changed the products meanwhile
     stores = {plan.location.url: store_handle(plan.location) for plan in plans}
     tiles = []
     for url in sorted(stores):
