@@ -89,11 +89,10 @@ def find_temp_files(root: str) -> list[str]:
         try:
             with os.scandir(directory) as entries:
                 for entry in entries:
-                    if entry.name.endswith(TEMP_SUFFIX):
-                        if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
-                            found.append(entry.path)
-                    elif entry.is_dir(follow_symlinks=False):
+                    if entry.is_dir(follow_symlinks=False):
                         pending.append(entry.path)
+                    elif is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
+                        found.append(entry.path)
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:  # housekeeping: never the reason a run or a check fails
