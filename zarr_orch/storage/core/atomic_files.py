@@ -80,7 +80,8 @@ def find_temp_files(root: str) -> list[str]:
     """Paths of the temp files (`is_temp_name`) anywhere under the directory `root`, sorted.
 
     One ``os.scandir`` pass over the tree; symbolic links are not followed, only regular
-    files are listed. A missing `root` has none; an unreadable directory is skipped.
+    files are listed (nor is a directory named ``*.partial`` entered: none of ours is). A
+    missing `root` has none; an unreadable directory is skipped.
     """
     found: list[str] = []
     pending = [root]
@@ -89,10 +90,14 @@ def find_temp_files(root: str) -> list[str]:
         try:
             with os.scandir(directory) as entries:
                 for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
+                    name = entry.name
+                    if name.endswith(TEMP_SUFFIX):  # cheap test first: 100k chunks per product
+                        if (OWN_TEMP.match(name) or ZARR_TEMP.match(name)) and entry.is_file(
+                            follow_symlinks=False
+                        ):
+                            found.append(entry.path)
+                    elif entry.is_dir(follow_symlinks=False):
                         pending.append(entry.path)
-                    elif is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
-                        found.append(entry.path)
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:  # housekeeping: never the reason a run or a check fails
