@@ -5,7 +5,8 @@ boolean or): merging a tile twice would count it twice. Each trial kills the run
 process (the single writer) at a seeded moment: when the merge journal's manifest appears
 for the k-th time (a merge half-applied) or after a seeded delay, checks what is on disk
 (the recorded tiles are a prefix of the tile order), reruns to completion and compares
-every stored chunk, byte for byte, with an uninterrupted run.
+every stored chunk, byte for byte, with an uninterrupted run (the same keys too: the rerun
+deletes the temp file a write cut by the kill leaves among the chunks).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import psutil
 import pytest
 import zarr
 
+from zarr_orch.storage.core.atomic_files import find_temp_files
 from zarr_orch.storage.format import records as rec
 from zarr_orch.storage.format.journal import MANIFEST
 
@@ -143,6 +145,8 @@ def test_killed_merge_resumes_byte_identical(tmp_path, reference, trial):
     run(out, mode)
     assert not manifest.exists()
     assert recorded_everywhere(out) == {(0, col) for col in range(TILES)}
+    # the kill may have left a writer's temp file among the chunks: the rerun removed it
+    assert [find_temp_files(str(out / product)) for product in PRODUCTS] == [[]] * len(PRODUCTS)
     got = chunk_bytes(out)
     assert got.keys() == reference.keys()
     for key, value in reference.items():

@@ -325,14 +325,16 @@ def _add_verify_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
         description="Re-read every recorded tile of a run's products (or of one product) and "
         "compare its data with the CRC32 in its completion record: reports missing, "
         "truncated or altered chunks and malformed records. Exit code 0: all good, "
-        "1: problems found, 2: could not verify. With --repair, the records of bad tiles "
-        "are deleted so that the next run recomputes exactly those tiles.",
+        "1: problems found, 2: could not verify. Temp files killed writers left are listed "
+        "(not problems). With --repair, the records of bad tiles are deleted so that the "
+        "next run recomputes exactly those tiles, and the temp files are deleted.",
     )
     verify.add_argument("out", metavar="OUT", help="run output directory (or one product)")
     verify.add_argument(
         "--repair",
         action="store_true",
-        help="forget the records of bad tiles (the next run recomputes them)",
+        help="forget the records of bad tiles (the next run recomputes them) and delete "
+        "temp files killed writers left",
     )
     verify.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 

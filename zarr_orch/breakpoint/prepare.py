@@ -23,6 +23,7 @@ from zarr_orch.registry.plan import (
 )
 from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.storage.core.location import Location
+from zarr_orch.storage.core.run_dir import relative_path
 from zarr_orch.storage.format.product import ProductPlan, product_differences, product_info
 from zarr_orch.storage.writers.prepare import prepare_product
 from zarr_orch.storage.writers.window_writer import recover_merges
@@ -59,7 +60,8 @@ def prepare_products(
     # merges a killed run left half-applied are undone before any record is read
     recover_merges([d[2] for d in decisions if d[2].windowed])
     for key, item, plan, file_name, components, reset in decisions:
-        done = _write_product(plan, item, file_name, components, run_id, reset)
+        sweep = sweeps_temps(plan.location, out_location, state.prepared)
+        done = _write_product(plan, item, file_name, components, run_id, reset, sweep)
         state.prepared.add(plan.location.url)
         state.products[product_key(plan)] = ProductState(plan, file_name, set(done))
         # a later breakpoint re-registering this product (e.g. CARS's read-modify-write
@@ -79,14 +81,16 @@ def _write_product(
     components: dict[str, Any],
     run_id: str,
     reset: bool,
+    sweep: bool = False,
 ) -> set[tuple[int, int]]:
-    """Create (or reuse) one product with its attributes and fingerprint; its done tiles."""
+    """Create (or reuse) one product with its attributes and fingerprint; its done tiles.
+    `sweep` removes the temp files killed writers left in it (its first use in a run)."""
     attributes = product_attributes(plan, item.cars_ds, file_name)
     attributes["zarr_orch"]["fingerprints"] = {
         plan.records: {"digest": fingerprint_digest(components), "components": components}
     }
     attributes["zarr_orch"]["run_id"] = run_id
-    return prepare_product(plan, attributes, reset=reset)
+    return prepare_product(plan, attributes, reset=reset, sweep_temps=sweep)
 
 
 def _switched_before(key_plans: list[ProductPlan]) -> bool:
@@ -183,6 +187,14 @@ def _check_writers(plans: dict[int, list[ProductPlan]], registries: Registries, 
                         f"{registries.datasets[key].name}); one writer per chunk: "
                         "save them to different file names or tags"
                     )
+
+
+def sweeps_temps(location: Location, out_location: Location, prepared: set[str]) -> bool:
+    """Whether preparing the product at `location` may delete the temp files killed writers
+    left in it: on its first use in this run (no writer of this run has touched it yet) and
+    only inside out_dir, whose lease this run holds (no other run writes there)."""
+    first_use = location.url not in prepared
+    return first_use and relative_path(out_location.url, location.url) is not None
 
 
 def decide_reset(

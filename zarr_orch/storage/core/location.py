@@ -25,6 +25,7 @@ import fsspec
 
 from zarr_orch.errors import ConfigurationError, StorageError
 from zarr_orch.secrets import mask_secrets
+from zarr_orch.storage.core.atomic_files import atomic_write
 from zarr_orch.storage.core.retry import (
     DEFAULT_SETTINGS,
     RetryingStore,
@@ -234,14 +235,10 @@ class Location:
 
     def write_text(self, text: str) -> None:
         """Write a small text file; local writes go through a temp file + rename (atomic)."""
-        if self.is_local:
-            os.makedirs(os.path.dirname(self.url), exist_ok=True)
-            tmp = f"{self.url}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, self.url)
-            return
         data = text.encode("utf-8")
+        if self.is_local:
+            atomic_write(self.url, data)
+            return
         self._call(lambda: self.fs.pipe_file(self.fs_path, data), "writing", ())
 
     def makedirs(self) -> None:

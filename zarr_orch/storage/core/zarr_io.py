@@ -10,6 +10,8 @@ from typing import Any
 import zarr
 from zarr.core.sync import sync
 
+from zarr_orch.storage.core.atomic_files import atomic_write
+
 
 async def _collect(aiterator: Any) -> list[str]:
     return [item async for item in aiterator]
@@ -44,12 +46,7 @@ def set_many(store: Any, items: dict[str, bytes]) -> None:
     root = local_root(store)
     if root is not None:  # plain atomic file writes: zarr's thread hop costs ~1 ms per call
         for key, value in items.items():
-            path = os.path.join(root, key)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            temp = f"{path}.{os.getpid()}.partial"
-            with open(temp, "wb") as handle:
-                handle.write(value)
-            os.replace(temp, path)
+            atomic_write(os.path.join(root, key), value)
         return
     buffer = default_buffer_prototype().buffer
 

@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 
 from zarr_orch.errors import ProductError
+from zarr_orch.storage.core.atomic_files import is_temp_name
 from zarr_orch.storage.core.handles import store_handle
 from zarr_orch.storage.core.zarr_io import get_bytes, get_many, list_keys, set_bytes
 
@@ -138,8 +139,8 @@ def read_records(store: Any, name: str) -> Iterator[tuple[int, int, np.ndarray]]
         parts = key[len(prefix) :].split("/")
         if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[2] == "0":
             blocks.append((int(parts[0]), int(parts[1])))
-        elif key.endswith(".partial"):  # a block being written right now (atomic rename)
-            logger.debug("ignoring %s: a records block being written", key)
+        elif is_temp_name(key):  # a block being written now, or a killed writer's temp file
+            logger.debug("ignoring %s: a temp file, not a records block", key)
         else:  # a stray file in the product: not a record (zarr-orch verify)
             logger.warning("ignoring %s%s: not a completion record key", prefix, key[len(prefix) :])
     blocks.sort()

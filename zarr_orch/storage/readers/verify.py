@@ -17,10 +17,12 @@ per tile and tag:
   the tile grid, a stray key, or a records array whose metadata is wrong.
 
 `repair=True` deletes the records of the bad tiles, so the next run (with ``resume``)
-recomputes exactly those tiles and rewrites their chunks whole. Checking streams: records
-and tile data are read in batches (concurrent reads through zarr's async API, at most
-`BATCH_BYTES` of decoded data held at once), never the whole product. `verify_run` checks
-every product of a run directory (``intermediate/`` too).
+recomputes exactly those tiles and rewrites their chunks whole. Temp files a killed writer
+left in a local product (`zarr_orch.storage.core.atomic_files`) are listed too, as litter,
+not damage; repair deletes those older than a minute (the next run removes them anyway).
+Checking streams: records and tile data are read in batches (concurrent reads through
+zarr's async API, at most `BATCH_BYTES` of decoded data held at once), never the whole
+product. `verify_run` checks every product of a run directory (``intermediate/`` too).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import uuid
 from typing import Any
 
 from zarr_orch.errors import ProductError
+from zarr_orch.storage.core.atomic_files import STALE_AFTER, find_temp_files, remove_temp_files
 from zarr_orch.storage.core.lease import Lease
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.core.run_dir import listed_products
@@ -64,12 +67,21 @@ def verify_product(
     info = read_product_info(location)
     checker = ProductChecker(location, info)
     report = checker.run()
+    if location.is_local:  # object stores write with one PUT: no temp files
+        report.temp_files = find_temp_files(location.url)
     if repair:
         checker.repair(report)
+        report.removed_temp_files, report.kept_temp_files = remove_temp_files(
+            report.temp_files, STALE_AFTER
+        )
     report.target = location.url
     report.seconds = time.perf_counter() - start
     logger.info(
-        "verified %s: %d records, %d problem(s)", location.url, report.checked, len(report.bad)
+        "verified %s: %d records, %d problem(s), %d temp file(s) left by killed writers",
+        location.url,
+        report.checked,
+        len(report.bad),
+        len(report.temp_files),
     )
     return report
 

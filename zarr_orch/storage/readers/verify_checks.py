@@ -19,6 +19,7 @@ import zarr
 from zarr.core.sync import sync
 
 from zarr_orch import constants as cst
+from zarr_orch.storage.core.atomic_files import is_temp_name
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.core.zarr_io import delete_key, get_many, list_keys, local_root
 from zarr_orch.storage.format import records as rec
@@ -254,6 +255,8 @@ class ProductChecker:
         block_rows, block_cols = int(array.chunks[0]), int(array.chunks[1])
         blocks: list[tuple[int, int]] = []
         for key in list_keys(self.store, prefix):
+            if is_temp_name(key):  # listed with the product's other temp files, not a record
+                continue
             parts = key[len(prefix) :].split("/")
             try:
                 bi, bj, last = (int(p) for p in parts)

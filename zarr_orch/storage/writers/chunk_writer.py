@@ -14,40 +14,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from zarr_orch.storage.core.atomic_files import atomic_write
 from zarr_orch.storage.core.handles import store_handle
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.core.zarr_io import delete_key, set_bytes
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_write(path: str, *parts: bytes | memoryview) -> None:
-    """Write `parts` to a local file atomically: a temp file beside it, then a rename.
-
-    A reader (or a rerun after a crash) sees the old object or the new one, never a torn
-    one; the temp file is removed when the write fails (e.g. disk full).
-    """
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
-    try:
-        handle = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle = open(tmp, "wb")  # noqa: SIM115
-    try:
-        with handle:
-            for part in parts:
-                handle.write(part)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def remove_file(path: str) -> None:

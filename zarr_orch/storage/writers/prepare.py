@@ -9,6 +9,7 @@ import zarr
 
 from zarr_orch import constants as cst
 from zarr_orch.errors import ProductError
+from zarr_orch.storage.core.atomic_files import sweep_temp_files
 from zarr_orch.storage.core.handles import forget_handles
 from zarr_orch.storage.core.zarr_io import publish
 from zarr_orch.storage.format import records as rec
@@ -27,13 +28,19 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_product(
-    plan: ProductPlan, attributes: dict[str, Any], reset: bool = False
+    plan: ProductPlan,
+    attributes: dict[str, Any],
+    reset: bool = False,
+    sweep_temps: bool = False,
 ) -> set[tuple[int, int]]:
     """Create the product group and its completion records (or reuse the existing ones).
 
     Returns the tiles already recorded as done. With `reset`, an existing product is
     deleted first (the caller decided the user asked for it). Existing arrays whose chunks,
     dtype or nodata differ from the plan are refused: nothing on disk is changed then.
+    With `sweep_temps`, the temp files killed writers left in a local product are deleted
+    (`sweep_temp_files`): only when no live writer can be using them, i.e. the caller holds
+    the out_dir lease and has not started any writer of this run on the product yet.
     """
     if plan.kind not in KINDS:
         raise ProductError(f"unknown product kind {plan.kind!r}")
@@ -46,6 +53,8 @@ def prepare_product(
     store = plan.location.zarr_store()
     if info is None:
         plan.location.makedirs()
+        if sweep_temps:  # a product whose creation was killed may hold temp files
+            _sweep(plan)
         # built in memory with zarr's API, then every document stored at once; the group's
         # one document carries its zarr_orch attributes, so a crash never leaves it without
         staged = zarr.storage.MemoryStore()
@@ -70,6 +79,8 @@ def prepare_product(
                 f"{plan.kind!r} tiles: choose another file name"
             )
         check_existing_arrays(group, plan)
+        if sweep_temps:  # after every refusal: a refused product is left as it was
+            _sweep(plan)
         old = dict(group.attrs.get("zarr_orch", {}))
         new = attributes["zarr_orch"]
         merged = {**old, **new}
@@ -87,3 +98,8 @@ def prepare_product(
         # array (else at the end of the breakpoint): readers never get a stale layout
         consolidate(plan.location)
     return rec.done_tiles(store, plan.records)
+
+
+def _sweep(plan: ProductPlan) -> None:
+    if plan.location.is_local:  # object stores write with one PUT: no temp files
+        sweep_temp_files(plan.location.url)
