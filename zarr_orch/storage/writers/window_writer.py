@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -195,12 +198,13 @@ def merge_tile(
     journal = MergeJournal(parts[0].store)
     journal.begin((row, col), entries, values)
     previous = iter(values)
+    jobs: list[Callable[[], None]] = []
     for part in parts:
         before = {key: next(previous) for key in part.keys}
         old_block = next(previous)
         for tag, array, data in part.tags:
-            _merge_into(part.plan, tag.name, array, data, part.box, before)
-        # the record last, into the block bytes the journal read (records are raw uint64)
+            jobs += _merge_into(part.plan, tag.name, array, data, part.box, before)
+        # the record, into the block bytes the journal read (records are raw uint64)
         block_shape = _records_block(part.plan)
         records = (
             np.zeros(block_shape, dtype="<u8")
@@ -210,9 +214,15 @@ def merge_tile(
         records[row % block_shape[0], col % block_shape[1], :] = np.frombuffer(
             rec.record_bytes(part.result.nbytes, part.crcs), dtype="<u8"
         )
-        block = records.tobytes()
-        set_many(part.store, {part.record_key: block})
-        CACHE.put(part.plan.location.url, part.record_key, block)
+        jobs.append(partial(_put_record, part, records.tobytes()))
+    # every key is journaled, so the order of these writes does not matter: they run on a
+    # few threads (zstd and file writes release the GIL), all done before the commit
+    if MERGE_THREADS > 1:
+        for done in _pool().map(lambda job: job(), jobs):
+            del done
+    else:
+        for job in jobs:
+            job()
     journal.commit()
     # recorded already, with the merge: no record for the background RecordWriter
     return {(part.plan.location.url, part.plan.records): part.result for part in parts}
@@ -225,9 +235,10 @@ def _merge_into(
     data: np.ndarray,
     box: tuple[int, int, int, int],
     before: dict[str, bytes | None],
-) -> None:
-    """Paste `data` at `box`: each touched chunk decoded from the bytes the journal read,
-    updated and re-encoded with the array's own codecs (zarr's general path otherwise)."""
+) -> list[Callable[[], None]]:
+    """Paste `data` at `box`: one job per touched chunk, which decodes it from the bytes the
+    journal read, updates and re-encodes it with the array's own codecs (zarr's general
+    path, at once, for chains `ChunkWriter` does not reproduce)."""
     r0, r1, c0, c1 = box
     writer = _chunk_writer(plan, tag, array)
     url = plan.location.url
@@ -237,21 +248,57 @@ def _merge_into(
         else:
             array[:, r0:r1, c0:c1] = data
         CACHE.forget(url, list(before))
-        return
+        return []
     height, width = (int(n) for n in array.shape[-2:])
     ch, cw = writer.chunk_shape[-2:]
+    jobs: list[Callable[[], None]] = []
     for i in range(r0 // ch, (r1 - 1) // ch + 1):
         for j in range(c0 // cw, (c1 - 1) // cw + 1):
             coords = (i, j) if data.ndim == 2 else (0, i, j)
-            chunk = _decode(writer, before.get(writer.key(coords)))
             a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
             b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
             target = (slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
-            chunk[(..., *target)] = data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
+            piece = data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
             valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
-            payload = writer.encode(chunk[(..., *valid)])
-            writer.put(coords, payload)
-            CACHE.put(url, writer.key(coords), payload)
+            raw = before.get(writer.key(coords))
+            jobs.append(partial(_rewrite_chunk, writer, url, coords, raw, target, piece, valid))
+    return jobs
+
+
+def _rewrite_chunk(
+    writer: ChunkWriter,
+    url: str,
+    coords: tuple[int, ...],
+    raw: bytes | None,
+    target: tuple[slice, slice],
+    piece: np.ndarray,
+    valid: tuple[slice, slice],
+) -> None:
+    """One chunk of a merge: decoded, `piece` pasted at `target`, encoded and stored."""
+    chunk = _decode(writer, raw)
+    chunk[(..., *target)] = piece
+    payload = writer.encode(chunk[(..., *valid)])
+    writer.put(coords, payload)
+    CACHE.put(url, writer.key(coords), payload)
+
+
+def _put_record(part: _Staged, block: bytes) -> None:
+    """Store a product's updated record block (and remember it)."""
+    set_many(part.store, {part.record_key: block})
+    CACHE.put(part.plan.location.url, part.record_key, block)
+
+
+#: threads that encode and store a merge's chunks (the main process's single writer)
+MERGE_THREADS = 4
+_POOLS: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOLS:
+        _POOLS.append(
+            ThreadPoolExecutor(max_workers=MERGE_THREADS, thread_name_prefix="zarr_orch-merge")
+        )
+    return _POOLS[0]
 
 
 def _chunk_writer(plan: ProductPlan, tag: str, array: Any) -> ChunkWriter | None:
