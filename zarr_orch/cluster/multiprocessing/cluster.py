@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import pickle
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -187,9 +188,17 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._scatter_ids = itertools.count()
         self._last_completion = time.monotonic()
         self._startup_deaths = 0
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
         if launch_worker:
-            # start now (as CARS does): workers import while the application builds its graph
-            self._ensure_started()
+            # start now (as CARS does), in the background: the forkserver imports the script
+            # and the preloaded modules (seconds for CARS's applications) while the
+            # application builds its graph; the first use of the workers waits for them
+            self._check_can_start()
+            self._starter = threading.Thread(
+                target=self._start_in_background, name="zarr-orch-mp-start", daemon=True
+            )
+            self._starter.start()
 
     # -- conf / task API ----------------------------------------------------------------------
     def check_task_function(self, func: Callable[..., Any]) -> None:
@@ -221,15 +230,41 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         if self._closed:
             raise ZarrOrchError("this multiprocessing cluster has been cleaned up")
 
-    def _ensure_started(self) -> None:
+    def _check_can_start(self) -> None:
+        """Refuse, in the calling thread, what would stop the workers from starting."""
         self._check_open()
         if not self.launch_worker:
             raise ZarrOrchError(
                 "the cluster was created with launch_worker=False: cannot run tasks"
             )
+        check_main_guard("multiprocessing", self.conf["mp_mode"])
+
+    def _start_in_background(self) -> None:
+        try:
+            self._start_workers()
+        except BaseException as exc:  # re-raised in the thread that first needs the workers
+            self._start_error = exc
+
+    def _wait_for_start(self) -> None:
+        """Join the background start; its failure is raised here, once."""
+        starter, self._starter = self._starter, None
+        if starter is not None:
+            starter.join()
+        error, self._start_error = self._start_error, None
+        if error is not None:
+            raise error
+
+    def _ensure_started(self) -> None:
+        self._wait_for_start()
+        if self._started:
+            self._check_open()
+            return
+        self._check_can_start()
+        self._start_workers()
+
+    def _start_workers(self) -> None:
         if self._started:
             return
-        check_main_guard("multiprocessing", self.conf["mp_mode"])
         if self.conf["mp_mode"] == "forkserver":
             # '__main__' is the default preload (tasks defined in a script); ours, and the tile
             # sink's (numpy, xarray, zarr), are imported once in the server, not per worker
@@ -256,6 +291,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current worker processes (for monitoring and tests)."""
+        self._wait_for_start()
         return self._pool.pids()
 
     # -- graph --------------------------------------------------------------------------------
@@ -487,6 +523,9 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
 
     def cleanup(self, **kwargs: Any) -> None:
         """Stop and join every worker process and remove the scratch dir (idempotent)."""
+        starter = self._starter
+        if starter is not None:  # a start still running: let it finish, then stop them all
+            starter.join()
         self._closed = True
         self._jobs.ready.clear()
         self._finalizer()
