@@ -8,7 +8,7 @@ import start-up, the cluster, the merges and the output rasters (GeoTIFFs for CA
 Zarr products and the GeoTIFFs at the registered names for zarr_orch). The DSMs of every
 run are checked equal to CARS's sequential one before timings are printed.
 
-Run: python benchmarks/bench_cars_rasterization.py [--tiles 6] [--tile-size 200] [--repeat 1]
+Run: python benchmarks/bench_cars_rasterization.py [--tiles 10] [--tile-size 200] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def dsm_of(orchestrator: str, out: Path) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiles", type=int, default=6, help="point-cloud tiles per side")
+    parser.add_argument("--tiles", type=int, default=10, help="point-cloud tiles per side")
     parser.add_argument("--tile-size", type=int, default=200, help="points per tile side")
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_cars_raster_"))
     times: dict[tuple[str, str], list[float]] = {c: [] for c in CONFIGS}
@@ -86,11 +86,18 @@ def main() -> None:
             f"{args.tile_size}x{args.tile_size} points, DSM {shape[0]}x{shape[1]}, "
             f"median of {args.repeat} whole-process run(s), os.cpu_count()={os.cpu_count()}"
         )
-        print(f"{'mode':<16} {'CARS (s)':>10} {'zarr_orch (s)':>14} {'speed-up':>9}")
+        print(
+            f"{'mode':<16} {'CARS (s)':>10} {'min-max':>13} {'zarr_orch (s)':>14} "
+            f"{'min-max':>13} {'speed-up':>9}"
+        )
         for mode in ("sequential", "multiprocessing"):
-            cars = statistics.median(times[("cars", mode)])
-            ours = statistics.median(times[("zarr_orch", mode)])
-            print(f"{mode:<16} {cars:>10.2f} {ours:>14.2f} {cars / ours:>8.2f}x")
+            cars_runs, ours_runs = times[("cars", mode)], times[("zarr_orch", mode)]
+            cars, ours = statistics.median(cars_runs), statistics.median(ours_runs)
+            print(
+                f"{mode:<16} {cars:>10.2f} {min(cars_runs):>6.1f}-{max(cars_runs):<6.1f} "
+                f"{ours:>14.2f} {min(ours_runs):>6.1f}-{max(ours_runs):<6.1f} "
+                f"{cars / ours:>8.2f}x"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -363,3 +363,31 @@ def test_on_s3_a_half_applied_merge_is_rolled_back_at_start_up(s3_options, s3_bu
     for tag in TAGS:
         np.testing.assert_array_equal(group[tag][...], want[tag], err_msg=tag)
     assert list_keys(store, "_zarr_orch/journal/") == []
+
+
+def two_passes(out_dir: Any, conf: dict, second_final: Any) -> None:
+    """One run, two breakpoints merging into the same products (a second pass)."""
+    with Orchestrator(conf, out_dir=out_dir) as orch:
+        windowed_dataset(orch, 6)
+        orch.breakpoint()
+        windowed_dataset(orch, 6, final=second_final)
+        orch.breakpoint()
+
+
+def test_a_second_merge_pass_of_the_same_run_resumes_exactly(tmp_path, seq_conf):
+    """Killed (here: failing) in its second pass, the rerun skips the first pass and merges
+    only the second pass's missing tiles: equal to the uninterrupted two-pass run."""
+    conf = {**seq_conf, "max_retries": 0}
+    two_passes(tmp_path / "a", conf, merge_final)
+    want = product_arrays(tmp_path / "a" / "merged.zarr")
+    assert not np.array_equal(want["count"], reference(6).arrays["count"])  # merged twice
+    with pytest.raises(zo.TaskFailedError):
+        two_passes(tmp_path / "b", conf, failing_final)  # pass 2 merged tiles 0-2 only
+    two_passes(tmp_path / "b", conf, merge_final)
+    assert_equal_arrays(product_arrays(tmp_path / "b" / "merged.zarr"), want)
+    stats = json.loads((tmp_path / "b" / "metadata.json").read_text())["zarr_orch"]["stats"]
+    assert (stats["tiles"], stats["resumed"]) == (3, 9)
+    two_passes(tmp_path / "b", conf, merge_final)  # finished: nothing is merged again
+    stats = json.loads((tmp_path / "b" / "metadata.json").read_text())["zarr_orch"]["stats"]
+    assert (stats["tiles"], stats["resumed"]) == (0, 12)
+    assert_equal_arrays(product_arrays(tmp_path / "b" / "merged.zarr"), want)

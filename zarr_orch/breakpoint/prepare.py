@@ -53,10 +53,12 @@ def prepare_products(
         if item.cars_ds.final_function is None and _switched_before(key_plans):
             # an earlier run found this dataset's tiles carry windows of their own
             key_plans[:] = [as_windowed(plan) for plan in key_plans]
-        for plan in key_plans:
+        names = [file_names[product_key(plan)] for plan in key_plans]
+        key_plans[:] = [merge_pass(plan, state) for plan in key_plans]
+        for plan, file_name in zip(key_plans, names, strict=True):
             components = fingerprint_components(plan, item.cars_ds, conf["run_key"])
             reset = decide_reset(plan, components, conf, state.prepared)
-            decisions.append((key, item, plan, file_names[product_key(plan)], components, reset))
+            decisions.append((key, item, plan, file_name, components, reset))
     # merges a killed run left half-applied are undone before any record is read
     recover_merges([d[2] for d in decisions if d[2].windowed])
     for key, item, plan, file_name, components, reset in decisions:
@@ -72,6 +74,22 @@ def prepare_products(
             state.saved_tags.setdefault(key, {})[tag] = product_key(plan)
         logger.debug("%s: %d tiles already recorded", plan.location, len(done))
     return plans
+
+
+def merge_pass(plan: ProductPlan, state: RunState) -> ProductPlan:
+    """The plan of this breakpoint's merge pass over a windowed product.
+
+    A later breakpoint of the same run may merge into a windowed product again (a second
+    read-modify-write pass). Its tiles are recorded apart (records ``<name>_pass<k>``), so
+    a rerun after a kill resumes each pass exactly: the first pass is skipped as done, the
+    second merges only the tiles it had not merged, on top of the same bytes.
+    """
+    if not plan.windowed:
+        return plan
+    base = (plan.location.url, plan.records)
+    count = state.passes.get(base, 0) + 1
+    state.passes[base] = count
+    return plan if count == 1 else dataclasses.replace(plan, records=f"{plan.records}_pass{count}")
 
 
 def _write_product(

@@ -100,7 +100,9 @@ def read_saved(state: RunState, tag: str, future_object: Any) -> tuple[Any, Any]
         return None, None
     saved = state.products[product]
     if saved.plan.windowed:  # CARS: the window as on disk once any tile was merged
-        return read_merged(saved.plan, bool(saved.done), tag, future_object)
+        url = saved.plan.location.url
+        merged = any(s.done for (other, _), s in state.products.items() if other == url)
+        return read_merged(saved.plan, merged, tag, future_object)
     tile = (info.get(cst.CARS_DS_ROW), info.get(cst.CARS_DS_COL))
     if tile not in saved.done:
         return None, None

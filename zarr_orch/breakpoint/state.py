@@ -73,6 +73,8 @@ class RunState:
     #: tiles each product had done when this run first prepared it: the only ones resume
     #: may skip (tiles written by this run's own breakpoints are not reused)
     resumable: dict[ProductKey, set[Cell]] = field(default_factory=dict)
+    #: how many breakpoints of this run merged each windowed product (its passes)
+    passes: dict[ProductKey, int] = field(default_factory=dict)
     failed_tiles: dict[tuple[str, int, int], str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=new_stats)
     #: whether a tile of the current breakpoint said its disparity range was cropped
