@@ -33,6 +33,19 @@ def raster_dims(ndim: int, georeferenced: bool) -> list[str]:
     return dims if ndim == 2 else [cst.BAND, *dims]
 
 
+def member(group: zarr.Group, name: str) -> Any:
+    """The array or group `name` of `group`, None when absent.
+
+    Looked up by name, never by listing the group: another worker may be creating a sibling
+    at this moment (its directory exists before its ``zarr.json``), and zarr warns about
+    every such half-created member a listing meets.
+    """
+    try:
+        return group[name]
+    except KeyError:
+        return None
+
+
 def ensure_coordinates(
     group: zarr.Group, staged: zarr.Group, height: int, width: int, bands: int | None, geo: dict
 ) -> None:
@@ -40,11 +53,10 @@ def ensure_coordinates(
 
     Existing ones (in `group`) are checked and rewritten; missing ones go to `staged`.
     """
-    existing = set(group.array_keys())
 
     def put(name: str, values: np.ndarray, dims: list[str], attrs: dict[str, Any]) -> None:
-        if name in existing:
-            stored = group[name]
+        stored = member(group, name)
+        if stored is not None:
             if tuple(stored.shape) != values.shape:
                 raise TileError(
                     f"coordinate {name!r} of {group.store_path} has {stored.shape[0]} values "

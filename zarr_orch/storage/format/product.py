@@ -28,6 +28,7 @@ from zarr_orch.storage.format.coordinates import (
     SPATIAL_REF,
     ensure_coordinates,
     geo_for_tile,
+    member,
     raster_dims,
 )
 from zarr_orch.storage.format.encoding import (
@@ -265,10 +266,11 @@ def _ensure_array(
 
     def opener() -> Any:
         group = cached_group(plan.location)
-        if tag.name not in group.array_keys():
+        array = member(group, tag.name)  # by name: siblings may be half-created right now
+        if array is None:
             # georeferencing (a CRS parse) only matters to the writer that creates the array
             _create_array(group, plan, tag, shape, geo_for_tile(tile, what))
-        array = group[tag.name]
+            array = group[tag.name]
         if tuple(array.shape) != shape:
             raise TileError(
                 f"tag {tag.name!r} of {plan.location.url} has shape {tuple(array.shape)} but "
