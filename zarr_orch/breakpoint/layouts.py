@@ -20,8 +20,7 @@ from zarr_orch import constants as cst
 from zarr_orch.breakpoint.state import RunState, product_key
 from zarr_orch.errors import TileError
 from zarr_orch.registry.sink import Receipt, TileSink
-from zarr_orch.storage.format.product import ProductPlan, array_shape
-from zarr_orch.storage.writers.window_writer import tile_box
+from zarr_orch.storage.format.product import ProductPlan, array_shape, window_box
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +103,10 @@ class WindowLayouts:
                 "the main process): the tiles of a dataset must all follow its tiling grid "
                 "or all carry their own windows. A rerun merges this tile again"
             )
-        if has_final or receipt.tile is None or sink.plans:
-            return has_final and receipt.tile is not None
-        return any(plan.windowed for plan in plans)
+        if receipt.tile is None:
+            return False
+        # a final_function merges in this process; windowed tiles travel back unwritten
+        return has_final or (not sink.plans and any(plan.windowed for plan in plans))
 
     def _grid_written(self, plan: ProductPlan) -> set[tuple[int, int]]:
         """Tiles of a grid product its workers wrote and this run keeps: this run's, and
@@ -124,7 +124,7 @@ class WindowLayouts:
         plans = self.plans.get(sink.key) or []
         if not plans or not hasattr(tile, "attrs") or sink.key in self._overlapping:
             return
-        box = tile_box(tile.attrs.get(cst.WINDOW), array_shape(plans[0], tile), sink.what)
+        box = window_box(tile.attrs.get(cst.WINDOW), array_shape(plans[0], tile), sink.what)
         cells = self._claims.setdefault(sink.key, {})
         r0, r1, c0, c1 = box
         keys = [

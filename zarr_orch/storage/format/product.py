@@ -282,10 +282,23 @@ def _ensure_array(
 
 
 def open_tag_array(
-    plan: ProductPlan, tag: TagSpec, shape: tuple[int, ...], tile: Any, what: str
+    plan: ProductPlan,
+    tag: TagSpec,
+    data: np.ndarray,
+    shape2d: tuple[int, int],
+    tile: Any,
+    what: str,
 ) -> Any:
-    """The tag's array (cached per process), created with `plan.chunks` by the first tile."""
-    return _ensure_array(plan, tag, shape, tile, what)
+    """The array that receives `data` (a tag's 2-D or band-first 3-D values) in a raster of
+    `shape2d`, cached per process, created with `plan.chunks` by the first tile."""
+    full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
+    array = _ensure_array(plan, tag, full_shape, tile, what)
+    if array.ndim != data.ndim:
+        raise TileError(
+            f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
+            f"{array.ndim}"
+        )
+    return array
 
 
 def open_read_array(location: Location, tag: str) -> Any:
@@ -400,25 +413,23 @@ def array_shape(plan: ProductPlan, tile: Any) -> tuple[int, int]:
         raise TileError(f"profile height/width {height!r}/{width!r} are not integers") from None
 
 
-def tile_window(
-    plan: ProductPlan, window: dict | None, shape: tuple[int, int], what: str
-) -> tuple[int, int, int, int]:
-    """(row_min, row_max, col_min, col_max) of a tile's window inside the raster.
+def window_box(window: Any, shape: tuple[int, int], what: str) -> tuple[int, int, int, int]:
+    """(row_min, row_max, col_min, col_max) of a tile's window; None is the whole raster (CARS).
 
-    A single-tile dataset may leave the window None: its tile is the whole raster (CARS).
-    A window reaching outside the raster (or empty) is refused.
+    A window reaching outside the raster (or empty) is refused (CARS's rasterio would fail too).
     """
-    if window is None and tuple(plan.grid_shape) == (1, 1):
-        window = {cst.ROW_MIN: 0, cst.ROW_MAX: shape[0], cst.COL_MIN: 0, cst.COL_MAX: shape[1]}
+    height, width = shape
+    if window is None:
+        return 0, height, 0, width
     try:
         r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
         c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
     except (KeyError, TypeError, ValueError):
         raise TileError(
-            f"{what} has no valid attrs['window'] (row_min, row_max, col_min, col_max): "
-            f"got {window!r}; fill it with fill_dataset(..., window=...)"
+            f"{what} has no valid attrs['window'] (row_min, row_max, col_min, col_max): got "
+            f"{window!r}; fill it with fill_dataset(..., window=...) or leave it None for the "
+            "whole raster"
         ) from None
-    height, width = shape
     if r0 < 0 or c0 < 0 or r1 > height or c1 > width or r1 <= r0 or c1 <= c0:
         raise TileError(
             f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is outside the {height}x{width} "
@@ -446,12 +457,13 @@ def follows_chunk_grid(plan: ProductPlan, tile: Any, what: str) -> bool:
     if window is None and tuple(plan.grid_shape) != (1, 1):
         return False  # CARS: None is the whole raster
     shape = array_shape(plan, tile)
-    return is_chunk_window(plan, tile_window(plan, window, shape, what), shape)
+    return is_chunk_window(plan, window_box(window, shape, what), shape)
 
 
 def chunk_index(plan: ProductPlan, window: dict, shape: tuple[int, int], what: str):
-    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk."""
-    r0, r1, c0, c1 = tile_window(plan, window, shape, what)
+    """The chunk (i, j) that `window` is exactly; refuse any window that is not one chunk
+    (None, the whole raster, is one only for a single-tile dataset)."""
+    r0, r1, c0, c1 = window_box(window, shape, what)
     ch, cw = plan.chunks
     if not is_chunk_window(plan, (r0, r1, c0, c1), shape):
         raise TileError(

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from zarr_orch import constants as cst
-from zarr_orch.errors import TileError
 from zarr_orch.storage.core.handles import cached_handle
 from zarr_orch.storage.format import records as rec
 from zarr_orch.storage.format.encoding import cast_tile, tile_core
@@ -45,13 +44,7 @@ def write_arrays_tile(plan: ProductPlan, tile: Any, row: int, col: int, what: st
             tile[tag.name].values, overlaps, (r1 - r0, c1 - c0), f"{what} tag {tag.name!r}"
         )
         data = cast_tile(core, np.dtype(tag.dtype), tag.nodata, f"{what} tag {tag.name!r}")
-        full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
-        array = open_tag_array(plan, tag, full_shape, tile, what)
-        if array.ndim != data.ndim:
-            raise TileError(
-                f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
-                f"{array.ndim}"
-            )
+        array = open_tag_array(plan, tag, data, shape2d, tile, what)
         _write_chunk(plan, tag, array, data, (r0, r1, c0, c1))
         crc = rec.checksum(data)
         crcs.append(crc)

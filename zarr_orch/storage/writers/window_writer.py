@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
 
 from zarr_orch import constants as cst
-from zarr_orch.errors import StorageError, TileError
+from zarr_orch.errors import StorageError
 from zarr_orch.storage.core.handles import store_handle
 from zarr_orch.storage.core.zarr_io import set_many
 from zarr_orch.storage.format import records as rec
@@ -38,6 +38,7 @@ from zarr_orch.storage.format.product import (
     array_shape,
     open_read_array,
     open_tag_array,
+    window_box,
 )
 from zarr_orch.storage.writers.chunk_writer import ChunkWriter
 from zarr_orch.storage.writers.merge_cache import CACHE
@@ -59,31 +60,6 @@ def windowed_chunks(profile: dict[str, Any] | None) -> tuple[int, int]:
     if ch > 0 and cw > 0:
         return ch, cw
     return WINDOW_CHUNK, WINDOW_CHUNK
-
-
-def tile_box(window: Any, shape: tuple[int, int], what: str) -> tuple[int, int, int, int]:
-    """(row_min, row_max, col_min, col_max) of a tile's window; None is the whole raster.
-
-    A window reaching outside the raster is refused (CARS's rasterio would fail too).
-    """
-    height, width = shape
-    if window is None:
-        return 0, height, 0, width
-    try:
-        r0, r1 = int(window[cst.ROW_MIN]), int(window[cst.ROW_MAX])
-        c0, c1 = int(window[cst.COL_MIN]), int(window[cst.COL_MAX])
-    except (KeyError, TypeError, ValueError):
-        raise TileError(
-            f"{what} has no valid attrs['window'] (row_min, row_max, col_min, col_max): got "
-            f"{window!r}; fill it with fill_dataset(..., window=...) or leave it None for the "
-            "whole raster"
-        ) from None
-    if r0 < 0 or c0 < 0 or r1 > height or c1 > width or r1 <= r0 or c1 <= c0:
-        raise TileError(
-            f"{what} window rows [{r0}, {r1}) cols [{c0}, {c1}) is outside the {height}x{width} "
-            "raster of its profile (or empty); crop the window to the raster"
-        )
-    return r0, r1, c0, c1
 
 
 def gdal_cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -133,7 +109,7 @@ class _Staged:
 def _stage(plan: ProductPlan, tile: Any, what: str) -> _Staged:
     """Check and cast the tile's registered tags for one product (nothing written yet)."""
     shape2d = array_shape(plan, tile)
-    box = tile_box(tile.attrs.get(cst.WINDOW), shape2d, what)
+    box = window_box(tile.attrs.get(cst.WINDOW), shape2d, what)
     r0, r1, c0, c1 = box
     overlaps = tile.attrs.get(cst.OVERLAPS) or {}
     layout = dataclasses.replace(plan, chunks=windowed_chunks(tile.attrs.get(cst.PROFILE)))
@@ -150,13 +126,7 @@ def _stage(plan: ProductPlan, tile: Any, what: str) -> _Staged:
             tile[tag.name].values, overlaps, (r1 - r0, c1 - c0), f"{what} tag {tag.name!r}"
         )
         data = gdal_cast(core, np.dtype(tag.dtype))
-        full_shape = shape2d if data.ndim == 2 else (data.shape[0], *shape2d)
-        array = open_tag_array(layout, tag, full_shape, tile, what)
-        if array.ndim != data.ndim:
-            raise TileError(
-                f"{what} tag {tag.name!r} has {data.ndim} dimensions but the stored array has "
-                f"{array.ndim}"
-            )
+        array = open_tag_array(layout, tag, data, shape2d, tile, what)
         staged.tags.append((tag, array, data))
         crc = rec.checksum(data)
         staged.crcs.append(crc)
@@ -217,12 +187,10 @@ def merge_tile(
         jobs.append(partial(_put_record, part, records.tobytes()))
     # every key is journaled, so the order of these writes does not matter: they run on a
     # few threads (zstd and file writes release the GIL), all done before the commit
-    if MERGE_THREADS > 1:
-        for done in _pool().map(lambda job: job(), jobs):
-            del done
-    else:
-        for job in jobs:
-            job()
+    futures = [_pool().submit(job) for job in jobs]
+    wait(futures)  # every write has ended before a failure is raised (no write outlives it)
+    for future in futures:
+        future.result()
     journal.commit()
     # recorded already, with the merge: no record for the background RecordWriter
     return {(part.plan.location.url, part.plan.records): part.result for part in parts}
@@ -290,15 +258,11 @@ def _put_record(part: _Staged, block: bytes) -> None:
 
 #: threads that encode and store a merge's chunks (the main process's single writer)
 MERGE_THREADS = 4
-_POOLS: list[ThreadPoolExecutor] = []
 
 
+@cache
 def _pool() -> ThreadPoolExecutor:
-    if not _POOLS:
-        _POOLS.append(
-            ThreadPoolExecutor(max_workers=MERGE_THREADS, thread_name_prefix="zarr_orch-merge")
-        )
-    return _POOLS[0]
+    return ThreadPoolExecutor(max_workers=MERGE_THREADS, thread_name_prefix="zarr_orch-merge")
 
 
 def _chunk_writer(plan: ProductPlan, tag: str, array: Any) -> ChunkWriter | None:
@@ -354,7 +318,7 @@ def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.nd
         array = open_read_array(plan.location, tag)
     except KeyError:
         return None
-    r0, r1, c0, c1 = tile_box(tile.attrs.get(cst.WINDOW), tuple(array.shape[-2:]), what)
+    r0, r1, c0, c1 = window_box(tile.attrs.get(cst.WINDOW), tuple(array.shape[-2:]), what)
     writer = _chunk_writer(plan, tag, array)
     if writer is None:  # a codec chain ChunkWriter does not reproduce: zarr reads it
         return np.asarray(array[r0:r1, c0:c1] if array.ndim == 2 else array[:, r0:r1, c0:c1])
