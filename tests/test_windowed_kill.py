@@ -6,7 +6,8 @@ process (the single writer) at a seeded moment: when the merge journal's manifes
 for the k-th time (a merge half-applied) or after a seeded delay, checks what is on disk
 (the recorded tiles are a prefix of the tile order), reruns to completion and compares
 every stored chunk, byte for byte, with an uninterrupted run (the same keys too: the rerun
-deletes the temp file a write cut by the kill leaves among the chunks).
+deletes the temp file a write cut by the kill leaves among the chunks). Kills land between
+commits of single tiles and of batches of tiles (`merge_commit_seconds`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start(out: Path, mode: str) -> subprocess.Popen[str]:
+def start(
+    out: Path, mode: str, commit_seconds: float = 0.0, sleep: float = 0.0
+) -> subprocess.Popen[str]:
+    """The pipeline; `commit_seconds` 0 commits every tile's merge alone (a journal per
+    tile, so kills land between many commits), more batches them (`merge_batch`)."""
+    command = [sys.executable, str(PIPELINE), str(out), "--mode", mode, "--tiles", str(TILES)]
+    command += ["--commit-seconds", str(commit_seconds), "--sleep", str(sleep)]
     return subprocess.Popen(
-        [sys.executable, str(PIPELINE), str(out), "--mode", mode, "--tiles", str(TILES)],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -52,8 +59,8 @@ def start(out: Path, mode: str) -> subprocess.Popen[str]:
     )
 
 
-def run(out: Path, mode: str) -> None:
-    proc = start(out, mode)
+def run(out: Path, mode: str, commit_seconds: float = 0.0) -> None:
+    proc = start(out, mode, commit_seconds)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"pipeline failed ({proc.returncode}):\n{stderr[-4000:]}"
     assert "ALL_DONE" in stdout
@@ -81,11 +88,15 @@ def recorded(product: Path) -> set[tuple[int, int]]:
 
 def recorded_everywhere(out: Path) -> set[tuple[int, int]]:
     """The tiles whose merge is committed, checking that every product records them (a
-    tile's merge is one transaction over all products): only the tile of a journaled,
-    unfinished merge may be recorded by some products (the rerun rolls it back)."""
+    commit is one transaction over all products): only the tiles of a journaled,
+    unfinished commit may be recorded by some products (the rerun rolls them back)."""
     sets = [recorded(out / product) for product in PRODUCTS]
     manifest = out / "merged.zarr" / MANIFEST
-    pending = {tuple(json.loads(manifest.read_text())["tile"])} if manifest.exists() else set()
+    pending = (
+        {tuple(tile) for tile in json.loads(manifest.read_text())["tiles"]}
+        if manifest.exists()
+        else set()
+    )
     committed = set.union(*sets) - pending
     for product, tiles in zip(PRODUCTS, sets, strict=True):
         assert tiles - pending == committed, f"{product} disagrees: {sorted(tiles)}"
@@ -130,19 +141,24 @@ def kill_at_merge(proc: subprocess.Popen[str], manifest: Path, nth: int, limit: 
     return manifest.exists()
 
 
-@pytest.mark.parametrize("trial", range(3))
+@pytest.mark.parametrize("trial", range(4))
 def test_killed_merge_resumes_byte_identical(tmp_path, reference, trial):
+    """Trials 0-1 commit every tile alone; 2-3 batch commits (tiles sleep 0.1 s, a commit
+    at most 0.15 s after its first tile: batches of 2-4 tiles), killed at a seeded commit."""
     rng = random.Random(1100 + trial)
     mode = "multiprocessing" if trial % 2 else "sequential"
+    batched = trial >= 2
     out = tmp_path / "run"
-    proc = start(out, mode)
+    seconds = 0.15 if batched else 0.0
+    proc = start(out, mode, seconds, sleep=0.1 if batched else 0.0)
     manifest = out / "merged.zarr" / MANIFEST
-    half_applied = kill_at_merge(proc, manifest, rng.randint(2, TILES - 4), limit=120)
+    nth = rng.randint(1, 3) if batched else rng.randint(2, TILES - 4)
+    half_applied = kill_at_merge(proc, manifest, nth, limit=120)
     done = recorded_everywhere(out)
     # merges are applied in tile order: the recorded tiles are always a prefix of it
     assert done == {(0, col) for col in range(len(done))}
     assert len(done) < TILES, "the run finished before the kill: nothing was tested"
-    run(out, mode)
+    run(out, mode, seconds)
     assert not manifest.exists()
     assert recorded_everywhere(out) == {(0, col) for col in range(TILES)}
     # the kill may have left a writer's temp file among the chunks: the rerun removed it

@@ -5,7 +5,7 @@ own window, neighbouring windows overlap, and the dataset's final_function merge
 with what is already on disk (a weighted mean, a sum, a boolean or). Run as a script it is
 the subprocess the windowed kill tests SIGKILL (its tags split over three products):
 
-    python tests/windowed_tasks.py OUT [--mode M] [--tiles N] [--sleep S]
+    python tests/windowed_tasks.py OUT [--mode M] [--tiles N] [--sleep S] [--commit-seconds S]
 """
 
 from __future__ import annotations
@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="multiprocessing")
     parser.add_argument("--tiles", type=int, default=60)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--commit-seconds", type=float, default=None)
     args = parser.parse_args(argv)
     conf = {"mode": args.mode, "progress": False, "max_retries": 0}
+    if args.commit_seconds is not None:
+        conf["merge_commit_seconds"] = args.commit_seconds
     if args.mode == "multiprocessing":
         conf["nb_workers"] = 2
     with ocht.Orchestrator(conf, out_dir=args.out) as orch:

@@ -86,6 +86,17 @@ def positive_number(name: str) -> Any:
     return check
 
 
+def non_negative_number(name: str) -> Any:
+    """Validator: a number >= 0."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+            raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
+        return float(value)
+
+    return check
+
+
 def positive_int_or_none(name: str) -> Any:
     """Validator: an integer >= 1, or None for the library's default."""
 
@@ -175,6 +186,12 @@ COMMON_OPTIONS: dict[str, Option] = {
     ),
     "resume": Option(
         True, boolean("resume"), "skip tiles an earlier run with the same fingerprint finished"
+    ),
+    "merge_commit_seconds": Option(
+        1.0,
+        non_negative_number("merge_commit_seconds"),
+        "windowed merges (tiles with windows of their own, final_function) are stored "
+        "together, at most this many seconds after the first of them (0: every tile alone)",
     ),
     "overwrite": Option(
         False, boolean("overwrite"), "delete and rebuild every product this run writes"

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,8 @@ GEOTIFF_SUFFIXES = (".tif", ".tiff")
 #: layout of rasterio's DefaultGTiffProfile, which CARS writes when a tile has no profile
 COMPRESS = "lzw"
 BLOCKSIZE = 256
+#: GeoTIFFs written at once after a breakpoint (a core each on this class of machine)
+EXPORT_THREADS = 2
 
 
 def is_geotiff_name(file_name: Any) -> bool:
@@ -116,6 +120,7 @@ class GeoTiffOutputs:
         self.enabled = enabled
         self._options: dict[tuple[int, str, str], GeoTiffOptions] = {}
         self.seconds = 0.0
+        self._lock = threading.Lock()
 
     def register(self, key: int, file_name: Any, tag: str, options: GeoTiffOptions) -> None:
         """Remember the GeoTIFF options of tag `tag` of dataset `key` saved to `file_name`."""
@@ -156,9 +161,11 @@ class GeoTiffOutputs:
         with a GeoTIFF name.
 
         Returns the destinations written. As CARS, nothing is written when no tile was done;
-        tags of optional data no tile produced are skipped.
+        tags of optional data no tile produced are skipped. Files are written on
+        `EXPORT_THREADS` threads (GDAL's compression and zarr's decoding release the GIL);
+        a name registered twice is written once, from the last entry (CARS overwrites it).
         """
-        written: list[str] = []
+        jobs: dict[str, tuple[ProductPlan, str, Location]] = {}
         for key, file_name, plan, any_done in products:
             self.annotate(key, file_name, plan)
             if not self.enabled or not is_geotiff_name(file_name):
@@ -189,8 +196,16 @@ class GeoTiffOutputs:
                     ", ".join(present),
                     present[-1],
                 )
-            written.append(self._write(plan, present[-1], dest))
-        return written
+            jobs.pop(dest.url, None)  # the last registration of a name wins, as in CARS
+            jobs[dest.url] = (plan, present[-1], dest)
+        if len(jobs) <= 1:
+            return [self._write(*job) for job in jobs.values()]
+        with ThreadPoolExecutor(
+            max_workers=EXPORT_THREADS, thread_name_prefix="zarr_orch-geotiff"
+        ) as pool:
+            futures = [pool.submit(self._write, *job) for job in jobs.values()]
+            wait(futures)  # every file has ended before the first failure is raised
+        return [future.result() for future in futures]
 
     def _write(self, plan: ProductPlan, tag: str, dest: Location) -> str:
         from zarr_orch.storage.writers.geotiff import write_geotiff
@@ -208,7 +223,8 @@ class GeoTiffOutputs:
             overviews="none",
         )
         seconds = time.perf_counter() - start
-        self.seconds += seconds
+        with self._lock:
+            self.seconds += seconds
         logger.info(
             "wrote %s from %s (tag %s, %d x %d, %d band(s)) in %.2f s",
             report.dest,

@@ -6,6 +6,7 @@ after the rounds, records are flushed, raster products consolidated and statisti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from zarr_orch.storage.core.run_dir import place
 from zarr_orch.storage.format.consolidated import consolidate_all
 from zarr_orch.storage.format.product import ProductPlan
 from zarr_orch.storage.format.records import RecordWriter
+from zarr_orch.storage.writers.merge_batch import BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +66,17 @@ class Ledger:
         self.emit("on_tile_done", sink.name, sink.row, sink.col, nbytes, receipt.seconds)
 
     def flush_records(self) -> list[Unrecorded]:
-        """Wait for the background record writes; un-book the tiles whose record failed."""
+        """Commit the pending windowed merges, wait for the background record writes;
+        un-book the tiles whose merge or record could not be stored."""
+        with contextlib.suppress(Exception):  # rolled back, logged, reported by take_lost
+            BATCH.commit()
+        lost = BATCH.take_lost()  # logged once per failed commit, by the batch
         failed = self.records.flush()
         self.state.stats["record_requests"] = self.records.requests
         for url, row, col, exc in failed:
             logger.error("could not record tile (%d, %d) of %s: %s", row, col, url, exc)
+        failed = lost + failed
+        for url, row, col, _exc in failed:
             for (product_url, _records), product_state in self.state.products.items():
                 if product_url == url:
                     product_state.done.discard((row, col))
@@ -86,6 +94,7 @@ class Ledger:
         Returns the tiles whose record could not be stored (`unrecorded_error`).
         """
         unrecorded = self.flush_records()
+        summary.done -= lost_tiles(unrecorded, plans)  # booked, but not stored: not done
         # raster arrays created by workers during the breakpoint: readers' view of them
         # (points products, one group per tile, are read by read_points only)
         consolidate_all(
@@ -120,6 +129,12 @@ class Ledger:
         ]
 
 
+def lost_tiles(unrecorded: list[Unrecorded], plans: dict[int, list[ProductPlan]]) -> int:
+    """How many tiles `unrecorded` names (it has one entry per product of a tile)."""
+    key_of = {plan.location.url: key for key, key_plans in plans.items() for plan in key_plans}
+    return len({(key_of.get(url, url), row, col) for url, row, col, _exc in unrecorded})
+
+
 def failure_error(failures: list[tuple[TileSink, TaskError]], done: int) -> TaskFailedError:
     """The error a breakpoint with failed tiles raises: the first failure, with its traceback."""
     sink, error = failures[0]
@@ -143,9 +158,9 @@ def unrecorded_error(unrecorded: list[Unrecorded]) -> StorageError:
     """The error a breakpoint raises when tiles were written but their records were not."""
     url, row, col, exc = unrecorded[0]
     return StorageError(
-        f"{len(unrecorded)} tile(s) were written but their completion record could not "
-        f"be stored (first: tile ({row}, {col}) of {url}: {exc}); their data is on "
-        "disk, and rerunning recomputes exactly those tiles"
+        f"{len(unrecorded)} tile write(s) could not be completed with their completion record "
+        f"(first: tile ({row}, {col}) of {url}: {exc}); they are not recorded, and rerunning "
+        "recomputes exactly those tiles"
     )
 
 

@@ -25,6 +25,7 @@ from zarr_orch.registry.registries import Registries, TrackedDataset
 from zarr_orch.storage.core.location import Location
 from zarr_orch.storage.core.run_dir import relative_path
 from zarr_orch.storage.format.product import ProductPlan, product_differences, product_info
+from zarr_orch.storage.writers.merge_batch import BATCH
 from zarr_orch.storage.writers.prepare import prepare_product
 from zarr_orch.storage.writers.window_writer import recover_merges
 
@@ -60,6 +61,7 @@ def prepare_products(
             reset = decide_reset(plan, components, conf, state.prepared)
             decisions.append((key, item, plan, file_name, components, reset))
     # merges a killed run left half-applied are undone before any record is read
+    BATCH.start(conf["merge_commit_seconds"])
     recover_merges([d[2] for d in decisions if d[2].windowed])
     for key, item, plan, file_name, components, reset in decisions:
         sweep = sweeps_temps(plan.location, out_location, state.prepared)

@@ -10,7 +10,7 @@ import logging
 import signal
 from typing import Any
 
-from zarr_orch.breakpoint.book import Ledger
+from zarr_orch.breakpoint.book import Ledger, lost_tiles
 from zarr_orch.breakpoint.layouts import WindowLayouts
 from zarr_orch.breakpoint.state import Emit
 from zarr_orch.cluster.base import AbstractCluster, Outcome, TaskError
@@ -171,8 +171,9 @@ class RoundRunner:
         """Stop the workers, write the records, raise Interrupted with one line of counts."""
         signum = self.guard.signum if self.guard is not None else signal.SIGINT
         self.cluster.cleanup()  # abandons in-flight tiles: no record is ever written first
-        unrecorded = len(self.ledger.flush_records())  # the counts below are what is on disk
-        message = interrupt_message(signum, self.summary, unrecorded)
+        # the counts below are what is on disk
+        self.summary.done -= lost_tiles(self.ledger.flush_records(), self.plans)
+        message = interrupt_message(signum, self.summary)
         logger.warning(message)
         self.interrupted = True
         raise interrupted(message, signum)

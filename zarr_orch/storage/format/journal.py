@@ -1,15 +1,16 @@
 """Undo journal of windowed merges: a merge killed half-way is rolled back at start-up.
 
 A windowed tile (`window_writer`) read-modify-writes the chunks its window spans and its
-completion record block. Merging is not idempotent (a tile merged twice counts twice), so
-before changing anything the single writer stores the previous bytes of every key it is
-about to change, all in one object (``_zarr_orch/journal/undo.bin``), then a manifest
-naming each key with its offset and length in it (``_zarr_orch/journal/merge.json``, one
-atomic write: its presence means "a merge may be half-applied"). It then writes the chunks,
-then the tile's record, then deletes the manifest (the commit) and the undo object. At
+completion record block; a commit (`merge_batch`) stores the merges of one or more tiles.
+Merging is not idempotent (a tile merged twice counts twice), so before changing anything
+the single writer stores the previous bytes of every key the commit changes, all in one
+object (``_zarr_orch/journal/undo.bin``), then a manifest naming each key with its offset
+and length in it, and the commit's tiles (``_zarr_orch/journal/merge.json``, one atomic
+write: its presence means "a merge may be half-applied"). It then writes the chunks and
+the tiles' records, then deletes the manifest (the commit) and the undo object. At
 start-up `recover` puts every journaled key back as it was (absent keys are deleted) and
-removes the manifest, so the product is exactly as after the previous committed tile, and
-that tile is recomputed. Restoring is idempotent: a recovery killed itself is redone.
+removes the manifest, so the product is exactly as after the previous commit, and the
+commit's tiles are merged again. Restoring is idempotent: a recovery killed itself is redone.
 Manifests of older versions (one undo object per key) are still rolled back.
 """
 
@@ -55,13 +56,14 @@ class MergeJournal:
 
     def begin(
         self,
-        tile: tuple[int, int],
+        tiles: tuple[int, int] | list[tuple[int, int]],
         entries: list[tuple[str, Any, str]],
         previous: list[bytes | None],
     ) -> None:
         """Save `previous`, the current bytes (None: absent) of every (product url, store,
-        key) the merge will change, then the manifest naming them: two writes whatever the
-        number of keys."""
+        key) the merge of `tiles` (one tile, or a batch of them) will change, then the
+        manifest naming them: two writes whatever the number of keys."""
+        batch = [tiles] if isinstance(tiles, tuple) else list(tiles)
         manifest_entries = []
         parts: list[bytes] = []
         offset = 0
@@ -74,7 +76,11 @@ class MergeJournal:
             offset += len(value)
         if parts:  # stored before the manifest names it
             set_many(self.store, {UNDO: b"".join(parts)})
-        manifest = {"tile": list(tile), "entries": manifest_entries}
+        manifest = {
+            "tile": list(batch[0]),
+            "tiles": [list(tile) for tile in batch],
+            "entries": manifest_entries,
+        }
         set_many(self.store, {MANIFEST: json.dumps(manifest, sort_keys=True).encode()})
         self._undo = [UNDO] if parts else []
 
@@ -89,7 +95,8 @@ class MergeJournal:
                 os.rmdir(os.path.join(root, JOURNAL_PREFIX))
 
     def recover(self, stores: dict[str, Any]) -> tuple[int, int] | None:
-        """Roll back a merge left unfinished by a crash; returns its tile (None if none).
+        """Roll back a merge left unfinished by a crash; returns its (first) tile, None if
+        there was none.
 
         `stores` maps product URLs to their stores (the products of this run; the manifest
         never holds credentials). A manifest naming a product not among them is refused.
@@ -135,13 +142,15 @@ class MergeJournal:
                 )
             set_many(stores[url], {key: value})
         tile = (int(manifest["tile"][0]), int(manifest["tile"][1]))
+        tiles = manifest.get("tiles") or [tile]
         self.commit(
             [undo for _url, _key, undo in entries if isinstance(undo, str)]
             + ([UNDO] if packed else [])
         )
         logger.warning(
-            "rolled back the unfinished merge of tile (%d, %d): %d key(s) restored; the tile "
-            "is merged again",
+            "rolled back the unfinished merge of %d tile(s) from tile (%d, %d): %d key(s) "
+            "restored; they are merged again",
+            len(tiles),
             tile[0],
             tile[1],
             len(entries),

@@ -17,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,7 @@ from zarr_orch.storage.format.product import (
     window_box,
 )
 from zarr_orch.storage.writers.chunk_writer import ChunkWriter
+from zarr_orch.storage.writers.merge_batch import BATCH, run_jobs
 from zarr_orch.storage.writers.merge_cache import CACHE
 
 logger = logging.getLogger(__name__)
@@ -140,22 +140,69 @@ def _stage(plan: ProductPlan, tile: Any, what: str) -> _Staged:
 def merge_tile(
     plans: tuple[ProductPlan, ...], tile: Any, row: int, col: int, what: str
 ) -> dict[tuple[str, str], TileWrite]:
-    """Merge a tile into every product of its dataset as ONE journaled transaction.
+    """Merge a tile into every product of its dataset, as part of ONE journaled commit.
 
-    Runs in the products' single writer (the main process). The journal (in the first
-    product) holds the previous bytes of every chunk and record block the tile changes in
-    all products, so a crash leaves either none or all of them merged and recorded: a
-    final_function reading one product (weights) to merge another sees a consistent state
-    on resume. Tags registered but absent from the tile are skipped, as CARS's saver does.
+    Runs in the products' single writer (the main process). The merge is applied to the
+    chunks and record blocks `merge_batch.BATCH` holds and committed with the merges of the
+    tiles around it; the commit's journal (in the first product) holds the previous bytes
+    of every key it changes in all products, so a crash leaves either none or all of them
+    merged and recorded: a final_function reading one product (weights) to merge another
+    sees a consistent state on resume. Tags registered but absent from the tile are
+    skipped, as CARS's saver does.
     """
-    parts = [_stage(plan, tile, what) for plan in plans]  # every check before any write
-    entries: list[tuple[str, Any, str]] = []
+    parts = [_stage(plan, tile, what) for plan in plans]  # every check before any change
     for part in parts:
         part.store = store_handle(part.plan.location)
         block_shape = _records_block(part.plan)
         part.record_key = rec.block_key(
             part.plan.records, row // block_shape[0], col // block_shape[1]
         )
+    with BATCH.lock:
+        BATCH.check_usable(what)
+        if any(_chunk_writer(p.plan, t.name, a) is None for p in parts for t, a, _ in p.tags):
+            BATCH.commit()  # zarr writes these chunks itself: one tile, one commit
+            _merge_through_zarr(parts, row, col)
+        else:
+            _merge_in_batch(parts, row, col)
+    # recorded with the merge: no record for the background RecordWriter
+    return {(part.plan.location.url, part.plan.records): part.result for part in parts}
+
+
+def _merge_in_batch(parts: list[_Staged], row: int, col: int) -> None:
+    """Apply the tile to the batch's chunks and record blocks: every chunk is fetched
+    before the first value changes, so a failed read leaves the batch as it was."""
+    pastes: list[tuple[np.ndarray, tuple[Any, ...], np.ndarray]] = []
+    for part in parts:
+        url = part.plan.location.url
+        r0, r1, c0, c1 = part.box
+        for tag, array, data in part.tags:
+            writer = _chunk_writer(part.plan, tag.name, array)
+            height, width = (int(n) for n in array.shape[-2:])
+            ch, cw = writer.chunk_shape[-2:]
+            for i in range(r0 // ch, (r1 - 1) // ch + 1):
+                for j in range(c0 // cw, (c1 - 1) // cw + 1):
+                    coords = (i, j) if data.ndim == 2 else (0, i, j)
+                    a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
+                    b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
+                    valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
+                    values = BATCH.chunk_for_update(url, part.store, writer, coords, valid, _decode)
+                    target = (..., slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
+                    pastes.append((values, target, data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]))
+        block_shape = _records_block(part.plan)
+        block = BATCH.block_for_update(url, part.store, part.record_key, block_shape)
+        record = np.frombuffer(rec.record_bytes(part.result.nbytes, part.crcs), dtype="<u8")
+        pastes.append((block, (row % block_shape[0], col % block_shape[1], slice(None)), record))
+    for values, target, piece in pastes:
+        values[target] = piece
+    urls = tuple(part.plan.location.url for part in parts)
+    BATCH.added(urls, row, col, parts[0].store)
+
+
+def _merge_through_zarr(parts: list[_Staged], row: int, col: int) -> None:
+    """One tile's merge, committed on its own, for arrays whose codec chain only zarr
+    writes (`ChunkWriter.for_array` is None): zarr read-modify-writes their chunks."""
+    entries: list[tuple[str, Any, str]] = []
+    for part in parts:
         part.keys = [
             k for tag, array, _ in part.tags for k in _chunk_keys(array, tag.name, part.box)
         ]
@@ -163,18 +210,22 @@ def merge_tile(
         entries += [(url, part.store, key) for key in [*part.keys, part.record_key]]
     values: list[bytes | None] = []
     for part in parts:  # what is stored now: remembered by this writer, else read at once
-        keys = [*part.keys, part.record_key]
-        values += CACHE.read(part.plan.location.url, part.store, keys)
+        values += CACHE.read(part.plan.location.url, part.store, [*part.keys, part.record_key])
     journal = MergeJournal(parts[0].store)
     journal.begin((row, col), entries, values)
     previous = iter(values)
     jobs: list[Callable[[], None]] = []
     for part in parts:
-        before = {key: next(previous) for key in part.keys}
+        for _key in part.keys:
+            next(previous)
         old_block = next(previous)
-        for tag, array, data in part.tags:
-            jobs += _merge_into(part.plan, tag.name, array, data, part.box, before)
-        # the record, into the block bytes the journal read (records are raw uint64)
+        r0, r1, c0, c1 = part.box
+        for _tag, array, data in part.tags:
+            if data.ndim == 2:
+                array[r0:r1, c0:c1] = data
+            else:
+                array[:, r0:r1, c0:c1] = data
+        CACHE.forget(part.plan.location.url, part.keys)
         block_shape = _records_block(part.plan)
         records = (
             np.zeros(block_shape, dtype="<u8")
@@ -185,84 +236,14 @@ def merge_tile(
             rec.record_bytes(part.result.nbytes, part.crcs), dtype="<u8"
         )
         jobs.append(partial(_put_record, part, records.tobytes()))
-    # every key is journaled, so the order of these writes does not matter: they run on a
-    # few threads (zstd and file writes release the GIL), all done before the commit
-    futures = [_pool().submit(job) for job in jobs]
-    wait(futures)  # every write has ended before a failure is raised (no write outlives it)
-    for future in futures:
-        future.result()
+    run_jobs(jobs)
     journal.commit()
-    # recorded already, with the merge: no record for the background RecordWriter
-    return {(part.plan.location.url, part.plan.records): part.result for part in parts}
-
-
-def _merge_into(
-    plan: ProductPlan,
-    tag: str,
-    array: Any,
-    data: np.ndarray,
-    box: tuple[int, int, int, int],
-    before: dict[str, bytes | None],
-) -> list[Callable[[], None]]:
-    """Paste `data` at `box`: one job per touched chunk, which decodes it from the bytes the
-    journal read, updates and re-encodes it with the array's own codecs (zarr's general
-    path, at once, for chains `ChunkWriter` does not reproduce)."""
-    r0, r1, c0, c1 = box
-    writer = _chunk_writer(plan, tag, array)
-    url = plan.location.url
-    if writer is None:
-        if data.ndim == 2:
-            array[r0:r1, c0:c1] = data
-        else:
-            array[:, r0:r1, c0:c1] = data
-        CACHE.forget(url, list(before))
-        return []
-    height, width = (int(n) for n in array.shape[-2:])
-    ch, cw = writer.chunk_shape[-2:]
-    jobs: list[Callable[[], None]] = []
-    for i in range(r0 // ch, (r1 - 1) // ch + 1):
-        for j in range(c0 // cw, (c1 - 1) // cw + 1):
-            coords = (i, j) if data.ndim == 2 else (0, i, j)
-            a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
-            b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
-            target = (slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
-            piece = data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
-            valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
-            raw = before.get(writer.key(coords))
-            jobs.append(partial(_rewrite_chunk, writer, url, coords, raw, target, piece, valid))
-    return jobs
-
-
-def _rewrite_chunk(
-    writer: ChunkWriter,
-    url: str,
-    coords: tuple[int, ...],
-    raw: bytes | None,
-    target: tuple[slice, slice],
-    piece: np.ndarray,
-    valid: tuple[slice, slice],
-) -> None:
-    """One chunk of a merge: decoded, `piece` pasted at `target`, encoded and stored."""
-    chunk = _decode(writer, raw)
-    chunk[(..., *target)] = piece
-    payload = writer.encode(chunk[(..., *valid)])
-    writer.put(coords, payload)
-    CACHE.put(url, writer.key(coords), payload)
 
 
 def _put_record(part: _Staged, block: bytes) -> None:
     """Store a product's updated record block (and remember it)."""
     set_many(part.store, {part.record_key: block})
     CACHE.put(part.plan.location.url, part.record_key, block)
-
-
-#: threads that encode and store a merge's chunks (the main process's single writer)
-MERGE_THREADS = 4
-
-
-@cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=MERGE_THREADS, thread_name_prefix="zarr_orch-merge")
 
 
 def _chunk_writer(plan: ProductPlan, tag: str, array: Any) -> ChunkWriter | None:
@@ -330,11 +311,15 @@ def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.nd
         for j in range(c0 // cw, (c1 - 1) // cw + 1)
     ]
     coords = [(i, j) if array.ndim == 2 else (0, i, j) for i, j in cells]
-    raws = CACHE.read(
-        plan.location.url, store_handle(plan.location), [writer.key(c) for c in coords]
-    )
-    for (i, j), raw in zip(cells, raws, strict=True):
-        chunk = _decode(writer, raw)
+    url = plan.location.url
+    with BATCH.lock:  # merged but not yet committed: the batch holds the values
+        changed = [BATCH.chunk_values(url, writer.key(c)) for c in coords]
+        unknown = [
+            writer.key(c) for c, values in zip(coords, changed, strict=True) if values is None
+        ]
+        raws = iter(CACHE.read(url, store_handle(plan.location), unknown))
+    for (i, j), values in zip(cells, changed, strict=True):
+        chunk = _decode(writer, next(raws)) if values is None else values
         a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
         b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
         out[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = chunk[
@@ -346,6 +331,7 @@ def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.nd
 def recover_merges(plans: list[ProductPlan]) -> list[tuple[int, int]]:
     """Roll back the merges a crash left unfinished in these windowed products (start-up,
     before their records are read); returns the rolled-back tiles."""
+    BATCH.commit()  # nothing is pending between breakpoints; to be sure
     CACHE.clear()  # a new breakpoint: anything may have changed the products meanwhile
     stores = {plan.location.url: store_handle(plan.location) for plan in plans}
     tiles = []
