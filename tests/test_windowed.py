@@ -452,7 +452,9 @@ def test_a_commit_that_finds_the_disk_full_is_rolled_back_and_the_rerun_merges_e
         out.mkdir()
         (tmp_path / "logs").mkdir()
         (out / "logs").symlink_to(tmp_path / "logs")  # a full disk must not eat the log
-        with Orchestrator(conf, out_dir=out) as orch:
+        # metadata.json beside the mount: its write at exit must not be the next ENOSPC
+        meta = tmp_path / "metadata.json"
+        with Orchestrator(conf, out, True, meta) as orch:
             windowed_dataset(orch, 16, split=True, sleep=0.03)
             with pytest.raises((zo.TaskFailedError, StorageError)) as info:
                 orch.breakpoint()
@@ -472,9 +474,9 @@ def test_a_commit_that_finds_the_disk_full_is_rolled_back_and_the_rerun_merges_e
             assert len({report.checked for report in reports}) == 1
             assert reports[0].checked < 16
         remount(mount, "size=16m")
-        with Orchestrator(conf, out_dir=out) as orch:
+        with Orchestrator(conf, out, True, meta) as orch:
             windowed_dataset(orch, 16, split=True)
             orch.breakpoint()
-        stats = json.loads((out / "metadata.json").read_text())["zarr_orch"]["stats"]
+        stats = json.loads(meta.read_text())["zarr_orch"]["stats"]
         assert 0 < stats["tiles"] < 16 and stats["tiles"] + stats["resumed"] == 16, stats
         assert chunk_files(out) == chunk_files(want)

@@ -136,6 +136,8 @@ class Orchestrator(CarsApiMixin):
         except BaseException:  # a cluster that cannot start: leave nothing attached
             release_out_dir(self._runlog, self._lease)
             raise
+        if self._lease is not None:  # after the cluster: its workers fork before any thread
+            self._lease.start_heartbeat()
         mode, where = self._conf["mode"], self.out_location
         logger.info("orchestrator %s started: mode %s, out_dir %s", self.run_id, mode, where)
 

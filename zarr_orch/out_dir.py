@@ -55,7 +55,9 @@ def claim_out_dir(
 ) -> tuple[RunLog | None, Lease | None]:
     """Open the run log and take the out_dir lease (when computing); neither otherwise.
 
-    A refused lease leaves nothing attached (the run log is closed again).
+    A refused lease leaves nothing attached (the run log is closed again). The lease's
+    heartbeat thread is started by the caller (`Lease.start_heartbeat`) once its cluster
+    is up: multiprocessing workers are forked while the process has no other thread.
     """
     if not launch_worker:
         return None, None
@@ -64,7 +66,7 @@ def claim_out_dir(
     lease: Lease | None = None
     try:
         lease = Lease(location, run_id, stale_after=conf["lease_timeout"])
-        lease.acquire()
+        lease.acquire(heartbeat=False)
     except BaseException:
         release_out_dir(runlog, lease)
         raise

@@ -10,6 +10,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import sys
 import tempfile
 import threading
 import time
@@ -49,9 +50,21 @@ def _check_nb_workers(value: Any) -> int | str:
 
 
 def _check_mp_mode(value: Any) -> str:
-    if value not in ("forkserver", "spawn", "fork"):
-        raise ConfigurationError(f'mp_mode must be "forkserver", "spawn" or "fork", got {value!r}')
+    if value not in ("auto", "forkserver", "spawn", "fork"):
+        raise ConfigurationError(
+            f'mp_mode must be "auto", "forkserver", "spawn" or "fork", got {value!r}'
+        )
     return value
+
+
+def can_fork_safely() -> bool:
+    """True when forking this process now cannot inherit another thread's half-held lock:
+    on Linux, from the main thread, with no other Python thread alive (as at start-up)."""
+    return (
+        sys.platform.startswith("linux")
+        and threading.current_thread() is threading.main_thread()
+        and threading.active_count() == 1
+    )
 
 
 def _optional_int(name: str) -> Callable[[Any], int | None]:
@@ -138,7 +151,11 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             "auto", _check_nb_workers, 'worker processes; "auto" = usable cores - 1 (at least 1)'
         ),
         "mp_mode": Option(
-            "forkserver", _check_mp_mode, 'start method: "forkserver", "spawn" or "fork"'
+            "auto",
+            _check_mp_mode,
+            'start method: "auto" (fork the first workers while this process has no other '
+            "thread, at start-up on Linux: they start at once with everything it imported; "
+            'every later one through the forkserver), "forkserver", "spawn" or "fork"',
         ),
         "max_tasks_per_worker": Option(
             None,
@@ -179,7 +196,12 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._per_worker = max(1, math.ceil(self.max_in_flight / self.nb_workers))
         self._max_tasks = conf["max_tasks_per_worker"]
         self.max_retries = int(conf.get("max_retries", 0) or 0)
-        self._ctx = mp.get_context(conf["mp_mode"])
+        auto = conf["mp_mode"] == "auto"
+        #: how workers are started from now on ("auto": forkserver after the first ones)
+        self.start_method = "forkserver" if auto else conf["mp_mode"]
+        #: how the first workers were started (set when they are)
+        self.first_start_method: str | None = None
+        self._ctx = mp.get_context(self.start_method)
         self._pool = WorkerPool(self._ctx, conf["max_ram_per_worker"])
         self._finalizer = weakref.finalize(self, self._pool.shutdown)
         self._jobs = JobQueue(self.max_retries, self.max_in_flight)
@@ -191,10 +213,15 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
         if launch_worker:
+            self._check_can_start()
+            if auto and can_fork_safely():
+                # forked now, before any thread exists: they start in milliseconds with
+                # what this process imported (CARS's applications: seconds in a forkserver)
+                self._start_workers(mp.get_context("fork"))
+                return
             # start now (as CARS does), in the background: the forkserver imports the script
             # and the preloaded modules (seconds for CARS's applications) while the
             # application builds its graph; the first use of the workers waits for them
-            self._check_can_start()
             self._starter = threading.Thread(
                 target=self._start_in_background, name="zarr-orch-mp-start", daemon=True
             )
@@ -237,7 +264,8 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             raise ZarrOrchError(
                 "the cluster was created with launch_worker=False: cannot run tasks"
             )
-        check_main_guard("multiprocessing", self.conf["mp_mode"])
+        # "auto" starts later workers (replacements) through the forkserver: it needs it too
+        check_main_guard("multiprocessing", self.start_method)
 
     def _start_in_background(self) -> None:
         try:
@@ -262,10 +290,11 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._check_can_start()
         self._start_workers()
 
-    def _start_workers(self) -> None:
+    def _start_workers(self, first: Any = None) -> None:
+        """Start the workers (with context `first` for these, default the cluster's)."""
         if self._started:
             return
-        if self.conf["mp_mode"] == "forkserver":
+        if self.start_method == "forkserver":
             # '__main__' is the default preload (tasks defined in a script); ours, and the tile
             # sink's (numpy, xarray, zarr), are imported once in the server, not per worker
             self._ctx.set_forkserver_preload(
@@ -277,12 +306,13 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
                 ]
             )
         self._started = True
+        self.first_start_method = (first or self._ctx).get_start_method()
         for _ in range(self.nb_workers):
-            self._start_worker()
+            self._pool.start_worker(first)
         logger.info(
             "started %d %s worker process(es) (max %d tasks in flight)",
             self.nb_workers,
-            self.conf["mp_mode"],
+            self.first_start_method,
             self.max_in_flight,
         )
 

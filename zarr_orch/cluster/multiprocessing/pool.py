@@ -48,12 +48,22 @@ class Worker:
         "task_conn",
     )
 
-    def __init__(self, ctx: Any, name: str) -> None:
+    def __init__(self, ctx: Any, name: str, others: list[Worker] | None = None) -> None:
         task_recv, self.task_conn = ctx.Pipe(duplex=False)
         self.result_conn, result_send = ctx.Pipe(duplex=False)
+        inherited: list[int] = []
+        if ctx.get_start_method() == "fork":
+            # a forked child holds every descriptor of this process: it closes the main
+            # process's ends of its own pipes and of the other workers', so that each
+            # worker sees EOF (and exits) when the main process is gone
+            for conn in [self.task_conn, self.result_conn] + [
+                c for w in others or () for c in (w.task_conn, w.result_conn)
+            ]:
+                with contextlib.suppress(OSError, ValueError):
+                    inherited.append(conn.fileno())
         self.process = ctx.Process(
             target=worker_main,
-            args=(task_recv, result_send, list(sys.path)),
+            args=(task_recv, result_send, list(sys.path), inherited),
             name=name,
             daemon=True,
         )
@@ -106,9 +116,10 @@ class WorkerPool:
         self.max_rss = None if max_ram_per_worker is None else int(max_ram_per_worker * 1024 * 1024)
         self._last_ram_check = 0.0
 
-    def start_worker(self) -> Worker:
-        """Start one more worker process and add it to the set."""
-        worker = Worker(self._ctx, f"zarr-orch-worker-{next(self._worker_ids)}")
+    def start_worker(self, ctx: Any = None) -> Worker:
+        """Start one more worker process (with `ctx`, default the pool's) and add it."""
+        name = f"zarr-orch-worker-{next(self._worker_ids)}"
+        worker = Worker(ctx or self._ctx, name, self.workers)
         self.workers.append(worker)
         logger.debug("started worker %s (pid %s)", worker.name, worker.pid)
         return worker

@@ -3,6 +3,8 @@ process (steps in, outputs wanted back and step errors out, all pickled)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import queue
 import signal
@@ -132,12 +134,19 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def worker_main(task_conn: Any, result_conn: Any, sys_path: list[str]) -> None:
+def worker_main(
+    task_conn: Any, result_conn: Any, sys_path: list[str], inherited: list[int] | None = None
+) -> None:
     """Loop of a worker process: run jobs in arrival order until told to stop or orphaned.
 
     A reader thread drains the task pipe continuously, so the main process never blocks on a
     send while this process is itself blocked sending a large result (no pipe deadlock).
+    `inherited` are the main process's pipe ends a forked worker holds: closed first, so
+    the task pipe ends (EOF) when the main process is gone.
     """
+    for fd in inherited or ():
+        with contextlib.suppress(OSError):
+            os.close(fd)
     cache_scattered_objects()
     _keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business

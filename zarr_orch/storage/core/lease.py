@@ -101,8 +101,9 @@ class Lease:
             return False, f"no heartbeat for {age:.0f} s"
         return True, f"heartbeat {age:.0f} s ago"
 
-    def acquire(self) -> None:
-        """Take the lease or raise LeaseError naming the live holder."""
+    def acquire(self, heartbeat: bool = True) -> None:
+        """Take the lease or raise LeaseError naming the live holder; `heartbeat` false
+        leaves starting the heartbeat thread to the caller (`start_heartbeat`)."""
         holder = self.read()
         if holder is not None and holder.get("run_id") != self.run_id:
             alive, why = self._holder_alive(holder)
@@ -129,8 +130,14 @@ class Lease:
             )
         self.held = True
         _ACTIVE[self.run_id] = self
-        self._thread = threading.Thread(target=self._beat, name="zarr_orch-lease", daemon=True)
-        self._thread.start()
+        if heartbeat:
+            self.start_heartbeat()
+
+    def start_heartbeat(self) -> None:
+        """Renew the lease every `heartbeat` seconds in a daemon thread (once)."""
+        if self._thread is None and self.held:
+            self._thread = threading.Thread(target=self._beat, name="zarr_orch-lease", daemon=True)
+            self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
