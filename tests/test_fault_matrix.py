@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ import pytest
 import zarr
 from app_tasks import array_tile, arrays_dataset, full_field, profile_for, schedule
 from fault_tasks import leaky_tile, ndarray_tile, random_tile, typed_tile
+from tmpfs_mounts import remount, tmpfs
 
 import zarr_orch as zo
 from zarr_orch import CarsDataset, Orchestrator
@@ -95,30 +94,6 @@ def chunk_files(array_dir: Path) -> set[str]:
     if not base.exists():
         return set()
     return {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()}
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
-    """A size-limited tmpfs at `path` (skips the test when this process cannot mount)."""
-    path.mkdir(parents=True, exist_ok=True)
-    options = f"size={size}" + (",ro" if read_only else "")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
-def remount(path: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
 
 
 # -- names and locations ---------------------------------------------------------------------------

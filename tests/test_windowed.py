@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from tmpfs_mounts import remount, tmpfs
 from windowed_tasks import (
     HEIGHT,
     TAGS,
@@ -439,8 +440,6 @@ def test_a_commit_that_finds_the_disk_full_is_rolled_back_and_the_rerun_merges_e
     """A real full disk (tmpfs) under a batched commit: its tiles are not recorded, later
     merges are refused, nothing half-merged stays recorded; with room, the rerun merges the
     missing tiles only and the products equal the uninterrupted run's."""
-    from test_fault_matrix import remount, tmpfs
-
     want = tmp_path / "want"
     conf = {"mode": "sequential", "progress": False, "max_retries": 0, "geotiff_outputs": False}
     conf["merge_commit_seconds"] = 0.05  # tiles take 0.03 s: commits of about 2 tiles
