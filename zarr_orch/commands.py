@@ -22,9 +22,10 @@ def _same_file(left: str, right: str) -> bool:
 
 
 def python_command() -> str:
-    """This interpreter: ``python`` when that name on PATH is this very interpreter (not
-    merely the same binary of another environment), else its full path."""
-    for name in ("python", "python3"):
+    """This interpreter: ``python`` (or ``python3``, or its own name such as
+    ``python3.11``) when that name on PATH is this very interpreter (not merely the same
+    binary of another environment), else its full path."""
+    for name in dict.fromkeys(("python", "python3", os.path.basename(sys.executable))):
         found = shutil.which(name)
         if found and os.path.abspath(found) == os.path.abspath(sys.executable):
             return name
