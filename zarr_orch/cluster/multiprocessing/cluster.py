@@ -308,7 +308,7 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
         self._started = True
         self.first_start_method = (first or self._ctx).get_start_method()
         for _ in range(self.nb_workers):
-            self._pool.start_worker(first)
+            self._start_worker(first)
         logger.info(
             "started %d %s worker process(es) (max %d tasks in flight)",
             self.nb_workers,
@@ -316,8 +316,8 @@ class MultiprocessingCluster(GraphTasks, AbstractCluster):
             self.max_in_flight,
         )
 
-    def _start_worker(self) -> Worker:
-        return self._pool.start_worker()
+    def _start_worker(self, ctx: Any = None) -> Worker:
+        return self._pool.start_worker(ctx)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current worker processes (for monitoring and tests)."""

@@ -86,7 +86,7 @@ class MergeBatch:
         self.lock = threading.RLock()
         self.seconds = COMMIT_SECONDS
         self._chunks: dict[Key, _Chunk] = {}
-        self._blocks: dict[Key, tuple[Any, np.ndarray]] = {}
+        self._blocks: dict[Key, np.ndarray] = {}
         self._before: dict[Key, bytes | None] = {}
         self._stores: dict[str, Any] = {}
         self._journal_store: Any = None
@@ -111,11 +111,6 @@ class MergeBatch:
             lost, self._lost = self._lost, []
             return lost
 
-    @property
-    def pending(self) -> int:
-        """Tiles merged in memory, not yet committed."""
-        return len(self._tiles)
-
     def check_usable(self, what: str) -> None:
         """Refuse a merge after a failed commit: it would build on values never stored."""
         if self._error is not None:
@@ -138,7 +133,6 @@ class MergeBatch:
         writer: ChunkWriter,
         coords: tuple[int, ...],
         valid: tuple[slice, ...],
-        decode: Callable[[ChunkWriter, bytes | None], np.ndarray],
     ) -> np.ndarray:
         """The chunk's values to change in place (decoded from the stored bytes the first
         time; those bytes are kept for the journal)."""
@@ -146,7 +140,7 @@ class MergeBatch:
         chunk = self._chunks.get((url, key))
         if chunk is None:
             raw = self._remember(url, store, key)
-            values = decode(writer, raw)  # a fresh array: changed in place
+            values = writer.decode(raw)  # a fresh array: changed in place
             chunk = _Chunk(writer, coords, values, valid)
             self._chunks[(url, key)] = chunk
             self._bytes += values.nbytes
@@ -156,17 +150,16 @@ class MergeBatch:
         self, url: str, store: Any, key: str, shape: tuple[int, ...]
     ) -> np.ndarray:
         """A record block's values (raw little-endian uint64) to change in place."""
-        entry = self._blocks.get((url, key))
-        if entry is None:
+        block = self._blocks.get((url, key))
+        if block is None:
             raw = self._remember(url, store, key)
             block = (
                 np.zeros(shape, dtype="<u8")
                 if raw is None
                 else np.frombuffer(raw, dtype="<u8").reshape(shape).copy()
             )
-            entry = (store, block)
-            self._blocks[(url, key)] = entry
-        return entry[1]
+            self._blocks[(url, key)] = block
+        return block
 
     def _remember(self, url: str, store: Any, key: str) -> bytes | None:
         """The key's stored bytes (the batch's undo copy), read once per batch."""
@@ -218,8 +211,8 @@ class MergeBatch:
                     for (url, key), chunk in self._chunks.items()
                 ]
                 jobs += [
-                    _put_block(store, url, key, block, payloads)
-                    for (url, key), (store, block) in self._blocks.items()
+                    _put_block(self._stores[url], url, key, block, payloads)
+                    for (url, key), block in self._blocks.items()
                 ]
                 run_jobs(jobs)
                 journal.commit()

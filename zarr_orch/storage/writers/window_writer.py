@@ -7,9 +7,9 @@ written like CARS's saver writes them (the core, window minus overlaps, at the w
 ``window=None`` is the whole raster; a later tile overwrites what it covers) into arrays
 with a regular chunk grid of their own: the profile's ``blockysize``/``blockxsize`` when
 it has them, else `WINDOW_CHUNK` x `WINDOW_CHUNK`. Only the main process writes them, one
-tile after the other, so the read-modify-write of partial chunks is safe; every tile's
-merge is journaled (`journal.MergeJournal`) and committed with its completion record, so a
-record means "this tile's merge is fully applied" and a killed merge is rolled back.
+tile after the other, so the read-modify-write of partial chunks is safe; merges are
+committed with their completion records in journaled batches (`merge_batch`), so a record
+means "this tile's merge is fully applied" and a killed commit is rolled back.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from zarr_orch import constants as cst
-from zarr_orch.errors import StorageError
 from zarr_orch.storage.core.handles import store_handle
 from zarr_orch.storage.core.zarr_io import set_many
 from zarr_orch.storage.format import records as rec
@@ -80,15 +79,31 @@ def gdal_cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(data.astype(dtype))
 
 
-def _chunk_keys(array: Any, tag: str, box: tuple[int, int, int, int]) -> list[str]:
-    """Store keys of the chunks of `array` that `box` touches."""
+Box = tuple[int, int, int, int]
+
+
+def _pieces(box: Box, chunks: tuple[int, int]) -> list[tuple[int, int, Any, Any]]:
+    """(i, j, part of the window, part of chunk (i, j)) for every chunk `box` touches: the
+    two (..., rows, cols) slices of the same pixels, in window and in chunk coordinates."""
     r0, r1, c0, c1 = box
-    ch, cw = int(array.chunks[-2]), int(array.chunks[-1])
-    keys = []
+    ch, cw = chunks
+    pieces = []
     for i in range(r0 // ch, (r1 - 1) // ch + 1):
+        a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
         for j in range(c0 // cw, (c1 - 1) // cw + 1):
-            index = (i, j) if array.ndim == 2 else (0, i, j)
-            keys.append(f"{tag}/{array.metadata.encode_chunk_key(index)}")
+            b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
+            window = (..., slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
+            chunk = (..., slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
+            pieces.append((i, j, window, chunk))
+    return pieces
+
+
+def _chunk_keys(array: Any, tag: str, box: Box) -> list[str]:
+    """Store keys of the chunks of `array` that `box` touches."""
+    keys = []
+    for i, j, _, _ in _pieces(box, (int(array.chunks[-2]), int(array.chunks[-1]))):
+        index = (i, j) if array.ndim == 2 else (0, i, j)
+        keys.append(f"{tag}/{array.metadata.encode_chunk_key(index)}")
     return keys
 
 
@@ -97,7 +112,7 @@ class _Staged:
     """One product's part of a tile merge: its tags' data, its result, its record block."""
 
     plan: ProductPlan
-    box: tuple[int, int, int, int]
+    box: Box
     tags: list[tuple[TagSpec, Any, np.ndarray]]
     crcs: list[int]
     result: TileWrite
@@ -174,20 +189,15 @@ def _merge_in_batch(parts: list[_Staged], row: int, col: int) -> None:
     pastes: list[tuple[np.ndarray, tuple[Any, ...], np.ndarray]] = []
     for part in parts:
         url = part.plan.location.url
-        r0, r1, c0, c1 = part.box
         for tag, array, data in part.tags:
             writer = _chunk_writer(part.plan, tag.name, array)
             height, width = (int(n) for n in array.shape[-2:])
             ch, cw = writer.chunk_shape[-2:]
-            for i in range(r0 // ch, (r1 - 1) // ch + 1):
-                for j in range(c0 // cw, (c1 - 1) // cw + 1):
-                    coords = (i, j) if data.ndim == 2 else (0, i, j)
-                    a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
-                    b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
-                    valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
-                    values = BATCH.chunk_for_update(url, part.store, writer, coords, valid, _decode)
-                    target = (..., slice(a0 - i * ch, a1 - i * ch), slice(b0 - j * cw, b1 - j * cw))
-                    pastes.append((values, target, data[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]))
+            for i, j, window, target in _pieces(part.box, (ch, cw)):
+                coords = (i, j) if data.ndim == 2 else (0, i, j)
+                valid = (slice(0, min(ch, height - i * ch)), slice(0, min(cw, width - j * cw)))
+                values = BATCH.chunk_for_update(url, part.store, writer, coords, valid)
+                pastes.append((values, target, data[window]))
         block_shape = _records_block(part.plan)
         block = BATCH.block_for_update(url, part.store, part.record_key, block_shape)
         record = np.frombuffer(rec.record_bytes(part.result.nbytes, part.crcs), dtype="<u8")
@@ -253,29 +263,6 @@ def _chunk_writer(plan: ProductPlan, tag: str, array: Any) -> ChunkWriter | None
     return _WRITERS[key]
 
 
-def _decode(writer: ChunkWriter, raw: bytes | None) -> np.ndarray:
-    """A whole chunk's values from its stored bytes (the fill value when it is absent)."""
-    if raw is None:
-        return np.full(writer.chunk_shape, writer.fill, dtype=writer.dtype)
-    payload = raw
-    if writer.crc32c:
-        import google_crc32c
-
-        payload, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
-        if int(google_crc32c.value(payload)) != stored:
-            raise StorageError(
-                f"a chunk of {writer.location.url}/{writer.array_path} fails its CRC32C "
-                "check: the product is damaged (zarr-orch verify lists it); rebuild it with "
-                "resume: false"
-            )
-    if writer.compress is not None:
-        from numcodecs.zstd import Zstd
-
-        payload = Zstd().decode(payload)
-    values = np.frombuffer(payload, dtype=writer.dtype.newbyteorder("<"))
-    return values.astype(writer.dtype).reshape(writer.chunk_shape)
-
-
 _WRITERS: dict[tuple[Any, ...], ChunkWriter | None] = {}
 
 
@@ -303,35 +290,23 @@ def read_window_tile(plan: ProductPlan, tag: str, tile: Any, what: str) -> np.nd
     writer = _chunk_writer(plan, tag, array)
     if writer is None:  # a codec chain ChunkWriter does not reproduce: zarr reads it
         return np.asarray(array[r0:r1, c0:c1] if array.ndim == 2 else array[:, r0:r1, c0:c1])
-    ch, cw = writer.chunk_shape[-2:]
     out = np.empty((*array.shape[:-2], r1 - r0, c1 - c0), dtype=writer.dtype)
-    cells = [
-        (i, j)
-        for i in range(r0 // ch, (r1 - 1) // ch + 1)
-        for j in range(c0 // cw, (c1 - 1) // cw + 1)
-    ]
-    coords = [(i, j) if array.ndim == 2 else (0, i, j) for i, j in cells]
+    pieces = _pieces((r0, r1, c0, c1), writer.chunk_shape[-2:])
+    keys = [writer.key((i, j) if array.ndim == 2 else (0, i, j)) for i, j, _, _ in pieces]
     url = plan.location.url
     with BATCH.lock:  # merged but not yet committed: the batch holds the values
-        changed = [BATCH.chunk_values(url, writer.key(c)) for c in coords]
-        unknown = [
-            writer.key(c) for c, values in zip(coords, changed, strict=True) if values is None
-        ]
+        changed = [BATCH.chunk_values(url, key) for key in keys]
+        unknown = [key for key, values in zip(keys, changed, strict=True) if values is None]
         raws = iter(CACHE.read(url, store_handle(plan.location), unknown))
-    for (i, j), values in zip(cells, changed, strict=True):
-        chunk = _decode(writer, next(raws)) if values is None else values
-        a0, a1 = max(r0, i * ch), min(r1, (i + 1) * ch)
-        b0, b1 = max(c0, j * cw), min(c1, (j + 1) * cw)
-        out[..., a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = chunk[
-            ..., a0 - i * ch : a1 - i * ch, b0 - j * cw : b1 - j * cw
-        ]
+    for (_i, _j, window, part), values in zip(pieces, changed, strict=True):
+        chunk = writer.decode(next(raws)) if values is None else values
+        out[window] = chunk[part]
     return out
 
 
 def recover_merges(plans: list[ProductPlan]) -> list[tuple[int, int]]:
     """Roll back the merges a crash left unfinished in these windowed products (start-up,
     before their records are read); returns the rolled-back tiles."""
-    BATCH.commit()  # nothing is pending between breakpoints; to be sure
     CACHE.clear()  # a new breakpoint: anything may have changed the products meanwhile
     stores = {plan.location.url: store_handle(plan.location) for plan in plans}
     tiles = []
